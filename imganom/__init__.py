@@ -1,0 +1,20 @@
+"""imganom: visual anomaly inspection with a convolutional VAE."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "Inspector", "Result", "Region"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import imganom` stays cheap and importable without optional dependencies.
+    if name in ("Inspector", "Result"):
+        from . import inspector
+
+        return getattr(inspector, name)
+    if name == "Region":
+        from .postprocess import Region
+
+        return Region
+    raise AttributeError(f"module 'imganom' has no attribute {name!r}")
