@@ -1,0 +1,137 @@
+"""Thresholds from normal images only (and, optionally, F1-max thresholds from labelled anomalies).
+
+Image threshold: an order-statistic upper confidence bound on the (1 - target_fpr) quantile of normal image
+scores (``thresholds.quantile_upper_bound``), so a small calibration set errs towards fewer false rejects.
+Pixel threshold: a high quantile of pooled normal pixel scores (bounded-memory reservoir sample).
+With ``map.standardize`` a first pass measures each pixel's mean and spread of the raw normal map.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import CalibrationConfig
+from .inspector import Inspector
+from .io import ImageReadError, read_image
+from .preprocess import prepare
+from .thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
+
+log = logging.getLogger(__name__)
+
+
+def _decoded(insp: Inspector, paths: Sequence[Path]):
+    pp = insp.cfg.preprocess
+    for p in paths:
+        try:
+            chw, meta = read_image(p, intensity=pp.intensity, channels=pp.channels,
+                                   channel_policy=pp.channel_policy, max_pixels=pp.max_pixels)
+        except ImageReadError as e:
+            log.warning("calibration: skipping %s", e)
+            continue
+        yield str(p), chw, meta
+
+
+def _chunks(it, n: int):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@torch.no_grad()
+def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per-pixel mean and std of raw (unsmoothed) normal maps at model resolution (Welford over views)."""
+    h, w = insp.cfg.preprocess.size
+    n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
+    saved = insp.cfg.map.standardize
+    insp.cfg.map.standardize = False
+    sigma = insp.cfg.postprocess.sigma
+    insp.cfg.postprocess.sigma = 0.0
+    try:
+        for chunk in _chunks(_decoded(insp, paths), batch_size):
+            views = np.concatenate([prepare(chw, insp.cfg.preprocess)[0] for _, chw, _ in chunk])
+            maps, _ = insp.model_maps(torch.from_numpy(views))
+            for m in maps.double().cpu():
+                n += 1
+                d = m - mean
+                mean += d / n
+                m2 += d * (m - mean)
+    finally:
+        insp.cfg.map.standardize = saved
+        insp.cfg.postprocess.sigma = sigma
+    std = (m2 / max(n - 1, 1)).sqrt()
+    floor = float(std.mean()) * 0.1 + 1e-6  # avoid dividing by ~0 where normals never vary
+    return {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
+
+
+def normal_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16,
+                  pixel_capacity: int = 2_000_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and a uniform sample of pixel scores over the given normal images."""
+    scores, res = [], ReservoirSampler(pixel_capacity, seed)
+    for chunk in _chunks(_decoded(insp, paths), batch_size):
+        for r in insp.predict_arrays(chunk):
+            scores.append(r.score)
+            res.add(r.anomaly_map.ravel())
+    if not scores:
+        raise ValueError("calibration: none of the given images could be read")
+    return np.asarray(scores), res.sample()
+
+
+def calibrate(insp: Inspector, paths: Sequence[Path], cfg: CalibrationConfig | None = None, *,
+              labeled: Sequence[tuple[Path, int]] | None = None, batch_size: int = 16
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
+
+    The inspector is updated in place so it is immediately usable with the new thresholds."""
+    cfg = cfg or insp.cfg.calibration
+    t0 = time.perf_counter()
+    stats: dict[str, torch.Tensor] = {}
+    if insp.cfg.map.standardize and insp.cfg.preprocess.resize != "tile":
+        stats = map_statistics(insp, paths, batch_size)
+        insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
+    scores, pix = normal_scores(insp, paths, batch_size)
+    thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
+    pthr = pixel_threshold(pix, cfg.pixel_quantile)
+    scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)
+    cal: dict[str, Any] = {
+        "image_threshold": float(thr), "pixel_threshold": float(pthr), "source": "normal",
+        "target_fpr": cfg.target_fpr, "confidence": cfg.confidence, "pixel_quantile": cfg.pixel_quantile,
+        "n_images": int(len(scores)), "score_scale": scale, "image_info": info,
+        "normal_scores": {"mean": float(scores.mean()), "std": float(scores.std()), "min": float(scores.min()),
+                          "max": float(scores.max()),
+                          "quantiles": {f"p{q}": float(np.percentile(scores, q)) for q in (50, 90, 95, 99)}},
+        "pixel_stats": {"n_sampled": int(pix.size), "mean": float(pix.mean()), "std": float(pix.std()),
+                        "p99": float(np.percentile(pix, 99)), "p999": float(np.percentile(pix, 99.9))},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0,
+    }
+    if labeled:
+        cal["f1_max"] = f1_thresholds(insp, labeled, batch_size)
+    cal["seconds"] = round(time.perf_counter() - t0, 3)
+    insp.image_threshold, insp.pixel_threshold, insp.score_scale = cal["image_threshold"], pthr, scale
+    insp.meta.calibration = cal
+    return cal, stats
+
+
+def f1_thresholds(insp: Inspector, labeled: Sequence[tuple[Path, int]], batch_size: int = 16,
+                  masks: dict[str, Path] | None = None) -> dict[str, Any]:
+    """F1-maximising image threshold from labelled images (label 1 = anomalous)."""
+    scores, labels = [], []
+    lab = {str(p): y for p, y in labeled}
+    for chunk in _chunks(_decoded(insp, [p for p, _ in labeled]), batch_size):
+        for r in insp.predict_arrays(chunk):
+            scores.append(r.score)
+            labels.append(lab[r.id])
+    thr, f1 = f1_max_threshold(np.asarray(scores), np.asarray(labels))
+    return {"image_threshold": float(thr), "f1": float(f1), "pixel_threshold": insp.pixel_threshold,
+            "n_images": len(scores)}

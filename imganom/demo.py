@@ -1,0 +1,62 @@
+"""``imganom demo``: synthetic parts, the shipped demo model, a full inspection and its report. No downloads.
+
+The demo model in ``weights/demo.safetensors`` is trained by ``tools/train_demo.py`` with this module's
+``DATA`` settings, so regenerating the same synthetic data gives the images the model was made for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import load_config
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo.safetensors"
+DATA = {"n_train": 120, "n_test_good": 20, "n_test_defect": 25, "size": 64, "channels": 1, "texture": "weave",
+        "seed": 7}
+CONFIG = "tiny"
+TRAIN_OVERRIDES = {"train": {"epochs": 25, "seed": 0}}
+
+
+def make_demo_data(root: Path) -> Path:
+    """Write the demo's synthetic MVTec-layout dataset under ``root`` (idempotent)."""
+    from .synth import make_dataset
+
+    if not (root / "test").is_dir():
+        make_dataset(root, **DATA)
+    return root
+
+
+def train_demo_model(data: Path, run_dir: Path) -> Path:
+    """Train and calibrate the demo model (about a minute on a laptop CPU)."""
+    from .calibrate import calibrate
+    from .inspector import Inspector
+    from .modelfile import update_calibration
+    from .train import train
+
+    res = train(load_config(CONFIG, TRAIN_OVERRIDES), data, run_dir, progress=False)
+    insp = Inspector.load(res.model_path)
+    cal, stats = calibrate(insp, res.val_paths)
+    update_calibration(res.model_path, cal, stats)
+    return res.model_path
+
+
+def run_demo(out: str | Path, train_if_missing: bool = True,
+             log: Callable[[str], None] = print) -> tuple[dict, Path]:
+    """Generate data, load (or train) the demo model, inspect the test folder; returns (summary, report path)."""
+    from .batch import run_inspect
+    from .inspector import Inspector
+
+    out = Path(out)
+    data = make_demo_data(out / "data")
+    log(f"synthetic dataset: {data}")
+    model = WEIGHTS
+    if not model.is_file():
+        if not train_if_missing:
+            raise FileNotFoundError(f"demo weights not found: {WEIGHTS}")
+        log("demo weights not found; training the demo model (about a minute)...")
+        model = train_demo_model(data, out / "run")
+    log(f"model: {model}")
+    insp = Inspector.load(model)
+    _, summary = run_inspect(insp, [data / "test"], out / "results", workers=0)
+    return summary, out / "results" / "report.html"
