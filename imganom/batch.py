@@ -27,7 +27,7 @@ from .io import ImageReadError, count_slices, read_image, to_uint8_preview
 from .writers import OutputOptions, ResultsWriter, write_item_outputs, write_json_atomic
 
 log = logging.getLogger(__name__)
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
 
 
 @dataclass
@@ -59,8 +59,12 @@ class _Decode(Dataset):
     def __init__(self, items: Sequence[Item], insp: Inspector):
         self.items = items
         pp = insp.cfg.preprocess
-        self.kw = dict(intensity=pp.intensity, channels=pp.channels, channel_policy=pp.channel_policy,
-                       max_pixels=pp.max_pixels)
+        self.kw = dict(
+            intensity=pp.intensity,
+            channels=pp.channels,
+            channel_policy=pp.channel_policy,
+            max_pixels=pp.max_pixels,
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -74,8 +78,13 @@ class _Decode(Dataset):
         except ImageReadError as e:
             return {"i": i, "chw": None, "meta": None, "error": str(e), "ms": 0.0}
         except Exception as e:  # noqa: BLE001 - a reader bug must not lose the row
-            return {"i": i, "chw": None, "meta": None, "error": f"{it.path}: unexpected {type(e).__name__}: {e}",
-                    "ms": 0.0}
+            return {
+                "i": i,
+                "chw": None,
+                "meta": None,
+                "error": f"{it.path}: unexpected {type(e).__name__}: {e}",
+                "ms": 0.0,
+            }
 
 
 def _collate(batch: list[dict]) -> list[dict]:
@@ -95,22 +104,57 @@ class InspectStats:
 
 
 def _row(insp: Inspector, it: Item, res: Result | None, error: str | None, outputs: dict[str, str]) -> dict:
-    base = {"id": it.id, "path": str(it.path), "model_id": insp.model_id,
-            "image_threshold": insp.image_threshold, "pixel_threshold": insp.pixel_threshold}
+    base = {
+        "id": it.id,
+        "path": str(it.path),
+        "model_id": insp.model_id,
+        "image_threshold": insp.image_threshold,
+        "pixel_threshold": insp.pixel_threshold,
+    }
     if res is None:
-        return {**base, "status": "error", "verdict": None, "score": None, "norm_score": None, "n_regions": None,
-                "max_region_area": None, "time_ms": None, "error": error, "regions": [], "outputs": {}}
+        return {
+            **base,
+            "status": "error",
+            "verdict": None,
+            "score": None,
+            "norm_score": None,
+            "n_regions": None,
+            "max_region_area": None,
+            "time_ms": None,
+            "error": error,
+            "regions": [],
+            "outputs": {},
+        }
     d = res.to_dict()
-    return {**base, "status": "ok", "verdict": res.verdict, "score": res.score,
-            "norm_score": None if np.isnan(res.norm_score) else res.norm_score, "n_regions": d["n_regions"],
-            "max_region_area": d["max_region_area"], "time_ms": round(res.timing.get("total", 0.0), 3),
-            "error": None, "regions": d["regions"], "outputs": outputs, "size": d["size"]}
+    return {
+        **base,
+        "status": "ok",
+        "verdict": res.verdict,
+        "score": res.score,
+        "norm_score": None if np.isnan(res.norm_score) else res.norm_score,
+        "n_regions": d["n_regions"],
+        "max_region_area": d["max_region_area"],
+        "time_ms": round(res.timing.get("total", 0.0), 3),
+        "error": None,
+        "regions": d["regions"],
+        "outputs": outputs,
+        "size": d["size"],
+    }
 
 
-def run_inspect(insp: Inspector, inputs: Sequence[str | Path], out: str | Path, *, recursive: bool = True,
-                batch_size: int = 16, workers: int = 2, resume: bool = False,
-                options: OutputOptions | None = None, report: bool = True,
-                on_progress: Callable[[InspectStats], None] | None = None) -> tuple[list[dict], dict]:
+def run_inspect(
+    insp: Inspector,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    recursive: bool = True,
+    batch_size: int = 16,
+    workers: int = 2,
+    resume: bool = False,
+    options: OutputOptions | None = None,
+    report: bool = True,
+    on_progress: Callable[[InspectStats], None] | None = None,
+) -> tuple[list[dict], dict]:
     """Inspect all inputs into ``out``; returns (rows in input order, summary)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,9 +169,15 @@ def run_inspect(insp: Inspector, inputs: Sequence[str | Path], out: str | Path, 
         st.skipped = len(items) - len(todo)
         st.done = st.skipped
         vmax = 2.0 * insp.image_threshold if insp.image_threshold else None
-        loader = DataLoader(_Decode([items[i] for i in todo], insp), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None,
-                            persistent_workers=False)
+        loader = DataLoader(
+            _Decode([items[i] for i in todo], insp),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
         pending: deque[tuple[Item, Result | None, str | None, Future | None]] = deque()
 
         def drain(block: bool) -> None:
@@ -189,9 +239,18 @@ def run_inspect(insp: Inspector, inputs: Sequence[str | Path], out: str | Path, 
 
 def _write_outputs(out: Path, r: Result, options: OutputOptions, vmax: float) -> dict[str, str]:
     preview = to_uint8_preview(r.image)
-    paths = write_item_outputs(out, r.id, preview, r.anomaly_map, r.mask, threshold=r.thresholds["pixel"] or vmax,
-                               vmax=vmax, score=r.norm_score if not np.isnan(r.norm_score) else r.score,
-                               verdict=r.verdict, options=options)
+    paths = write_item_outputs(
+        out,
+        r.id,
+        preview,
+        r.anomaly_map,
+        r.mask,
+        threshold=r.thresholds["pixel"] or vmax,
+        vmax=vmax,
+        score=r.norm_score if not np.isnan(r.norm_score) else r.score,
+        verdict=r.verdict,
+        options=options,
+    )
     r.image = None  # free the decoded input early
     return paths
 
@@ -203,16 +262,34 @@ def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: 
     scores = np.array([r["score"] for r in rows if r["status"] == "ok"], dtype=float)
     processed = st.done - st.skipped
     return {
-        "counts": {"total": len(rows), "ok": sum(r["verdict"] == "OK" for r in rows),
-                   "ng": sum(r["verdict"] == "NG" for r in rows), "error": sum(r["status"] == "error" for r in rows),
-                   "resumed": st.skipped},
-        "scores": ({"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
-                    "p50": float(np.median(scores)), "p95": float(np.percentile(scores, 95)),
-                    "histogram": np.histogram(scores, bins=20)[0].tolist(),
-                    "bin_edges": np.histogram(scores, bins=20)[1].tolist()} if scores.size else None),
+        "counts": {
+            "total": len(rows),
+            "ok": sum(r["verdict"] == "OK" for r in rows),
+            "ng": sum(r["verdict"] == "NG" for r in rows),
+            "error": sum(r["status"] == "error" for r in rows),
+            "resumed": st.skipped,
+        },
+        "scores": (
+            {
+                "min": float(scores.min()),
+                "max": float(scores.max()),
+                "mean": float(scores.mean()),
+                "p50": float(np.median(scores)),
+                "p95": float(np.percentile(scores, 95)),
+                "histogram": np.histogram(scores, bins=20)[0].tolist(),
+                "bin_edges": np.histogram(scores, bins=20)[1].tolist(),
+            }
+            if scores.size
+            else None
+        ),
         "thresholds": {"image": insp.image_threshold, "pixel": insp.pixel_threshold},
-        "model": {"id": insp.model_id, "name": insp.cfg.name, "size": list(insp.cfg.preprocess.size),
-                  "device": str(insp.device), "precision": str(insp.amp).replace("torch.", "") if insp.amp else "fp32"},
+        "model": {
+            "id": insp.model_id,
+            "name": insp.cfg.name,
+            "size": list(insp.cfg.preprocess.size),
+            "device": str(insp.device),
+            "precision": str(insp.amp).replace("torch.", "") if insp.amp else "fp32",
+        },
         "throughput_img_s": processed / st.seconds if st.seconds > 0 else None,
         "seconds": st.seconds,
         "versions": library_versions(),

@@ -30,8 +30,13 @@ def _decoded(insp: Inspector, paths: Sequence[Path]):
     pp = insp.cfg.preprocess
     for p in paths:
         try:
-            chw, meta = read_image(p, intensity=pp.intensity, channels=pp.channels,
-                                   channel_policy=pp.channel_policy, max_pixels=pp.max_pixels)
+            chw, meta = read_image(
+                p,
+                intensity=pp.intensity,
+                channels=pp.channels,
+                channel_policy=pp.channel_policy,
+                max_pixels=pp.max_pixels,
+            )
         except ImageReadError as e:
             log.warning("calibration: skipping %s", e)
             continue
@@ -75,8 +80,13 @@ def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16)
     return {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
 
 
-def normal_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16,
-                  pixel_capacity: int = 2_000_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def normal_scores(
+    insp: Inspector,
+    paths: Sequence[Path],
+    batch_size: int = 16,
+    pixel_capacity: int = 2_000_000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and a uniform sample of pixel scores over the given normal images."""
     scores, res = [], ReservoirSampler(pixel_capacity, seed)
     for chunk in _chunks(_decoded(insp, paths), batch_size):
@@ -88,9 +98,14 @@ def normal_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16,
     return np.asarray(scores), res.sample()
 
 
-def calibrate(insp: Inspector, paths: Sequence[Path], cfg: CalibrationConfig | None = None, *,
-              labeled: Sequence[tuple[Path, int]] | None = None, batch_size: int = 16
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def calibrate(
+    insp: Inspector,
+    paths: Sequence[Path],
+    cfg: CalibrationConfig | None = None,
+    *,
+    labeled: Sequence[tuple[Path, int]] | None = None,
+    batch_size: int = 16,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
 
     The inspector is updated in place so it is immediately usable with the new thresholds."""
@@ -105,15 +120,31 @@ def calibrate(insp: Inspector, paths: Sequence[Path], cfg: CalibrationConfig | N
     pthr = pixel_threshold(pix, cfg.pixel_quantile)
     scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)
     cal: dict[str, Any] = {
-        "image_threshold": float(thr), "pixel_threshold": float(pthr), "source": "normal",
-        "target_fpr": cfg.target_fpr, "confidence": cfg.confidence, "pixel_quantile": cfg.pixel_quantile,
-        "n_images": int(len(scores)), "score_scale": scale, "image_info": info,
-        "normal_scores": {"mean": float(scores.mean()), "std": float(scores.std()), "min": float(scores.min()),
-                          "max": float(scores.max()),
-                          "quantiles": {f"p{q}": float(np.percentile(scores, q)) for q in (50, 90, 95, 99)}},
-        "pixel_stats": {"n_sampled": int(pix.size), "mean": float(pix.mean()), "std": float(pix.std()),
-                        "p99": float(np.percentile(pix, 99)), "p999": float(np.percentile(pix, 99.9))},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0,
+        "image_threshold": float(thr),
+        "pixel_threshold": float(pthr),
+        "source": "normal",
+        "target_fpr": cfg.target_fpr,
+        "confidence": cfg.confidence,
+        "pixel_quantile": cfg.pixel_quantile,
+        "n_images": int(len(scores)),
+        "score_scale": scale,
+        "image_info": info,
+        "normal_scores": {
+            "mean": float(scores.mean()),
+            "std": float(scores.std()),
+            "min": float(scores.min()),
+            "max": float(scores.max()),
+            "quantiles": {f"p{q}": float(np.percentile(scores, q)) for q in (50, 90, 95, 99)},
+        },
+        "pixel_stats": {
+            "n_sampled": int(pix.size),
+            "mean": float(pix.mean()),
+            "std": float(pix.std()),
+            "p99": float(np.percentile(pix, 99)),
+            "p999": float(np.percentile(pix, 99.9)),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": 0.0,
     }
     if labeled:
         cal["f1_max"] = f1_thresholds(insp, labeled, batch_size)
@@ -123,8 +154,12 @@ def calibrate(insp: Inspector, paths: Sequence[Path], cfg: CalibrationConfig | N
     return cal, stats
 
 
-def f1_thresholds(insp: Inspector, labeled: Sequence[tuple[Path, int]], batch_size: int = 16,
-                  masks: dict[str, Path] | None = None) -> dict[str, Any]:
+def f1_thresholds(
+    insp: Inspector,
+    labeled: Sequence[tuple[Path, int]],
+    batch_size: int = 16,
+    masks: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     """F1-maximising image threshold from labelled images (label 1 = anomalous)."""
     scores, labels = [], []
     lab = {str(p): y for p, y in labeled}
@@ -133,5 +168,9 @@ def f1_thresholds(insp: Inspector, labeled: Sequence[tuple[Path, int]], batch_si
             scores.append(r.score)
             labels.append(lab[r.id])
     thr, f1 = f1_max_threshold(np.asarray(scores), np.asarray(labels))
-    return {"image_threshold": float(thr), "f1": float(f1), "pixel_threshold": insp.pixel_threshold,
-            "n_images": len(scores)}
+    return {
+        "image_threshold": float(thr),
+        "f1": float(f1),
+        "pixel_threshold": insp.pixel_threshold,
+        "n_images": len(scores),
+    }

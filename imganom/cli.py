@@ -15,8 +15,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Visual anomaly inspection with a convolutional VAE.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Visual anomaly inspection with a convolutional VAE.",
+)
 console = Console(stderr=True)
 EXIT_USAGE, EXIT_NG, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -28,18 +32,25 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> None:
 
 def _setup(verbose: bool = False) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
 
 
 def _overrides(epochs: int | None, seed: int | None, precision: str | None, batch_size: int | None) -> dict:
-    t = {k: v for k, v in {"epochs": epochs, "seed": seed, "precision": precision,
-                           "batch_size": batch_size}.items() if v is not None}
+    t = {
+        k: v
+        for k, v in {"epochs": epochs, "seed": seed, "precision": precision, "batch_size": batch_size}.items()
+        if v is not None
+    }
     return {"train": t} if t else {}
 
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="Folder of normal images, or an MVTec root (uses train/good)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Folder of normal images, or an MVTec root (uses train/good)."
+    ),
     config: str = typer.Option("default", "--config", "-c", help="Preset name or YAML path."),
     out: Path = typer.Option(Path("runs/latest"), "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.safetensors."),
@@ -48,8 +59,9 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     seed: int | None = typer.Option(None, "--seed"),
-    calibrate_after: bool = typer.Option(True, "--calibrate/--no-calibrate",
-                                         help="Calibrate thresholds on the held-out normal split."),
+    calibrate_after: bool = typer.Option(
+        True, "--calibrate/--no-calibrate", help="Calibrate thresholds on the held-out normal split."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
@@ -68,8 +80,10 @@ def train(
         res = run_train(cfg, data, out, resume=resume, device=device, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    console.print(f"trained {res.epochs_run} epochs in {res.seconds:.1f}s, best val loss {res.best_val:.4f}"
-                  + (" (early stop)" if res.stopped_early else ""))
+    console.print(
+        f"trained {res.epochs_run} epochs in {res.seconds:.1f}s, best val loss {res.best_val:.4f}"
+        + (" (early stop)" if res.stopped_early else "")
+    )
     if res.interrupted:
         console.print(f"interrupted: resume with  imganom train --data {data} --out {out} --resume")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -83,8 +97,10 @@ def train(
         insp = Inspector.load(res.model_path, device=device)
         cal, stats = calibrate(insp, cal_paths)
         update_calibration(res.model_path, cal, stats)
-        console.print(f"calibrated on {cal['n_images']} held-out normal images: image threshold "
-                      f"{cal['image_threshold']:.4g}, pixel threshold {cal['pixel_threshold']:.4g}")
+        console.print(
+            f"calibrated on {cal['n_images']} held-out normal images: image threshold "
+            f"{cal['image_threshold']:.4g}, pixel threshold {cal['pixel_threshold']:.4g}"
+        )
         if "warning" in cal["image_info"]:
             console.print(f"[yellow]warning:[/yellow] {cal['image_info']['warning']}")
     print(res.model_path)
@@ -95,8 +111,12 @@ def calibrate_cmd(
     model: Path = typer.Option(..., "--model", "-m"),
     data: Path = typer.Option(..., "--data", help="Folder of normal images (MVTec root: uses test/good)."),
     target_fpr: float | None = typer.Option(None, "--target-fpr"),
-    labeled: Path | None = typer.Option(None, "--labeled", help="MVTec root with anomalies: adds F1-max thresholds."),
-    out: Path | None = typer.Option(None, "--out", help="Write a new model file instead of updating in place."),
+    labeled: Path | None = typer.Option(
+        None, "--labeled", help="MVTec root with anomalies: adds F1-max thresholds."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write a new model file instead of updating in place."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Set thresholds from normal images at a target false-reject rate; stored in the model file."""
@@ -126,24 +146,47 @@ def calibrate_cmd(
         update_calibration(model, cal, stats)
         dest = resolve_model_path(model)
     else:
-        save_model(out, insp.model.cpu(), insp.cfg, training=insp.meta.training, calibration=cal,
-                   stats={**{k: v.cpu() for k, v in insp.stats.items()}, **stats})
+        save_model(
+            out,
+            insp.model.cpu(),
+            insp.cfg,
+            training=insp.meta.training,
+            calibration=cal,
+            stats={**{k: v.cpu() for k, v in insp.stats.items()}, **stats},
+        )
         dest = out
-    console.print(json.dumps({k: cal[k] for k in ("image_threshold", "pixel_threshold", "n_images", "target_fpr")}))
+    console.print(
+        json.dumps({k: cal[k] for k in ("image_threshold", "pixel_threshold", "n_images", "target_fpr")})
+    )
     if "f1_max" in cal:
-        console.print(f"F1-max image threshold {cal['f1_max']['image_threshold']:.4g} (F1 {cal['f1_max']['f1']:.3f});"
-                      " use it with --threshold-source f1_max")
+        console.print(
+            f"F1-max image threshold {cal['f1_max']['image_threshold']:.4g} (F1 {cal['f1_max']['f1']:.3f});"
+            " use it with --threshold-source f1_max"
+        )
     print(dest)
 
 
-def _load_inspector(model: Path, device: str, precision: str, image_threshold: float | None = None,
-                    pixel_threshold: float | None = None, threshold_source: str = "normal", roi: Path | None = None):
+def _load_inspector(
+    model: Path,
+    device: str,
+    precision: str,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    threshold_source: str = "normal",
+    roi: Path | None = None,
+):
     from .inspector import Inspector
     from .modelfile import ModelFileError
 
     try:
-        insp = Inspector.load(model, device=device, precision=precision, image_threshold=image_threshold,
-                              pixel_threshold=pixel_threshold, threshold_source=threshold_source)
+        insp = Inspector.load(
+            model,
+            device=device,
+            precision=precision,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            threshold_source=threshold_source,
+        )
     except (ModelFileError, ValueError) as e:
         _fail(str(e))
     if roi is not None:
@@ -154,15 +197,19 @@ def _load_inspector(model: Path, device: str, precision: str, image_threshold: f
         except ValueError as e:
             _fail(str(e))
     if not insp.calibrated:
-        console.print("[yellow]warning:[/yellow] model is not calibrated: no verdicts or masks "
-                      "(run imganom calibrate, or pass --image-threshold/--pixel-threshold)")
+        console.print(
+            "[yellow]warning:[/yellow] model is not calibrated: no verdicts or masks "
+            "(run imganom calibrate, or pass --image-threshold/--pixel-threshold)"
+        )
     return insp
 
 
 @app.command()
 def inspect(
     model: Path = typer.Option(..., "--model", "-m", help="Model file or run directory."),
-    inputs: list[Path] = typer.Option(..., "--input", "-i", help="Folder, image file or .txt list (repeatable)."),
+    inputs: list[Path] = typer.Option(
+        ..., "--input", "-i", help="Folder, image file or .txt list (repeatable)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
@@ -171,11 +218,17 @@ def inspect(
     workers: int = typer.Option(2, "--workers", min=0, help="Decoding worker processes."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
     fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
-    image_threshold: float | None = typer.Option(None, "--image-threshold", help="Override the calibrated value."),
-    pixel_threshold: float | None = typer.Option(None, "--pixel-threshold", help="Override the calibrated value."),
+    image_threshold: float | None = typer.Option(
+        None, "--image-threshold", help="Override the calibrated value."
+    ),
+    pixel_threshold: float | None = typer.Option(
+        None, "--pixel-threshold", help="Override the calibrated value."
+    ),
     threshold_source: str = typer.Option("normal", "--threshold-source", help="normal | f1_max"),
     roi: Path | None = typer.Option(None, "--roi", help="Region-of-interest mask image (nonzero = inspect)."),
-    raw_maps: str | None = typer.Option(None, "--raw-maps", help="Also save raw maps: npy (float16) | png16."),
+    raw_maps: str | None = typer.Option(
+        None, "--raw-maps", help="Also save raw maps: npy (float16) | png16."
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -189,9 +242,15 @@ def inspect(
     if raw_maps not in (None, "npy", "png16"):
         _fail(f"--raw-maps must be npy or png16, got {raw_maps!r}")
     insp = _load_inspector(model, device, precision, image_threshold, pixel_threshold, threshold_source, roi)
-    progress = Progress(TextColumn("inspect"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}"),
-                        TimeElapsedColumn(), console=console, disable=not sys.stderr.isatty())
+    progress = Progress(
+        TextColumn("inspect"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    )
     t0 = [0.0]
     import time
 
@@ -202,20 +261,39 @@ def inspect(
             if not t0[0]:
                 t0[0] = time.perf_counter()
             el = max(time.perf_counter() - t0[0], 1e-6)
-            progress.update(task, total=st.total, completed=st.done, ng=st.ng, err=st.error,
-                            ips=(st.done - st.skipped) / el)
+            progress.update(
+                task,
+                total=st.total,
+                completed=st.done,
+                ng=st.ng,
+                err=st.error,
+                ips=(st.done - st.skipped) / el,
+            )
 
         try:
-            rows, summary = run_inspect(insp, inputs, out, recursive=recursive, batch_size=batch_size,
-                                        workers=workers, resume=resume, options=OutputOptions(raw_maps=raw_maps),
-                                        report=not no_report, on_progress=on_progress)
+            rows, summary = run_inspect(
+                insp,
+                inputs,
+                out,
+                recursive=recursive,
+                batch_size=batch_size,
+                workers=workers,
+                resume=resume,
+                options=OutputOptions(raw_maps=raw_maps),
+                report=not no_report,
+                on_progress=on_progress,
+            )
         except FileNotFoundError as e:
             _fail(str(e))
     c = summary["counts"]
-    console.print(f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
-                  + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
-                  + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else ""))
-    console.print(f"results: {out / 'results.csv'}" + ("" if no_report else f"\nreport:  {out / 'report.html'}"))
+    console.print(
+        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
+        + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
+    )
+    console.print(
+        f"results: {out / 'results.csv'}" + ("" if no_report else f"\nreport:  {out / 'report.html'}")
+    )
     if fail_on_ng and c["ng"]:
         raise typer.Exit(EXIT_NG)
 
@@ -223,8 +301,11 @@ def inspect(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("imganom-demo"), "--out", "-o", help="Folder for data and results."),
-    train_if_missing: bool = typer.Option(True, "--train-if-missing/--no-train",
-                                          help="Train the demo model if weights/demo.safetensors is absent."),
+    train_if_missing: bool = typer.Option(
+        True,
+        "--train-if-missing/--no-train",
+        help="Train the demo model if weights/demo.safetensors is absent.",
+    ),
 ) -> None:
     """The whole story offline: synthetic data, the shipped demo model, inspection, report."""
     _setup()
@@ -232,7 +313,9 @@ def demo(
 
     summary, report = run_demo(out, train_if_missing=train_if_missing, log=console.print)
     c = summary["counts"]
-    console.print(f"[bold]{c['total']} images inspected:[/bold] {c['ok']} OK, {c['ng']} NG, {c['error']} errors")
+    console.print(
+        f"[bold]{c['total']} images inspected:[/bold] {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+    )
     print(report)
 
 
@@ -248,6 +331,24 @@ def info(model: Path = typer.Argument(..., help="Model file or run directory."))
     except ModelFileError as e:
         _fail(str(e))
     print(json.dumps(asdict(meta), indent=2, default=str))
+
+
+def _register_extensions() -> None:
+    """Commands that live in their own ``cli_<name>.py`` module (each defines ``register(app)``; heavy
+    imports stay inside the command bodies so ``imganom --help`` is fast)."""
+    import importlib
+
+    for name in ("serve", "watch", "export", "evaluate", "bench"):
+        try:
+            mod = importlib.import_module(f".cli_{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.cli_{name}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_extensions()
 
 
 def main() -> None:  # pragma: no cover

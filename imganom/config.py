@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class IntensityConfig(_Strict):
-    """How raw pixel values map to [0, 1]: by the dtype's range, a per-image percentile window, or a fixed window."""
+    """How raw pixel values map to [0, 1]: dtype range, per-image percentile window, or fixed window."""
 
     mode: Literal["dtype", "percentile", "fixed"] = "dtype"
     low: float = 0.5

@@ -12,8 +12,15 @@ from pathlib import Path
 from .config import load_config
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "demo.safetensors"
-DATA = {"n_train": 120, "n_test_good": 20, "n_test_defect": 25, "size": 64, "channels": 1, "texture": "weave",
-        "seed": 7}
+DATA = {
+    "n_train": 120,
+    "n_test_good": 20,
+    "n_test_defect": 25,
+    "size": 64,
+    "channels": 1,
+    "texture": "weave",
+    "seed": 7,
+}
 CONFIG = "tiny"
 TRAIN_OVERRIDES = {"train": {"epochs": 25, "seed": 0}}
 
@@ -41,9 +48,10 @@ def train_demo_model(data: Path, run_dir: Path) -> Path:
     return res.model_path
 
 
-def run_demo(out: str | Path, train_if_missing: bool = True,
-             log: Callable[[str], None] = print) -> tuple[dict, Path]:
-    """Generate data, load (or train) the demo model, inspect the test folder; returns (summary, report path)."""
+def run_demo(
+    out: str | Path, train_if_missing: bool = True, log: Callable[[str], None] = print
+) -> tuple[dict, Path]:
+    """Generate data, load (or train) the demo model, inspect the test set; returns (summary, report)."""
     from .batch import run_inspect
     from .inspector import Inspector
 

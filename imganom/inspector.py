@@ -24,8 +24,8 @@ from .anomaly_map import gaussian_blur
 from .config import Config
 from .io import ImageMeta, ImageReadError, normalize_intensity, read_image
 from .kernels import compute_anomaly_map
-from .modelfile import ModelMeta, load_model
 from .model import ConvVAE, kl_divergence
+from .modelfile import ModelMeta, load_model
 from .postprocess import Region, border_roi, image_score, postprocess
 from .preprocess import Geometry, prepare, to_original
 from .thresholds import normalize_score
@@ -56,10 +56,18 @@ class Result:
 
     def to_dict(self, regions: bool = True) -> dict[str, Any]:
         """JSON-safe summary (no arrays)."""
-        d = {"id": self.id, "verdict": self.verdict, "score": self.score, "norm_score": self.norm_score,
-             "n_regions": len(self.regions), "max_region_area": max((r.area for r in self.regions), default=0),
-             "image_threshold": self.thresholds.get("image"), "pixel_threshold": self.thresholds.get("pixel"),
-             "size": list(self.anomaly_map.shape), "timing_ms": self.timing}
+        d = {
+            "id": self.id,
+            "verdict": self.verdict,
+            "score": self.score,
+            "norm_score": self.norm_score,
+            "n_regions": len(self.regions),
+            "max_region_area": max((r.area for r in self.regions), default=0),
+            "image_threshold": self.thresholds.get("image"),
+            "pixel_threshold": self.thresholds.get("pixel"),
+            "size": list(self.anomaly_map.shape),
+            "timing_ms": self.timing,
+        }
         if regions:
             d["regions"] = [r.to_dict() for r in self.regions]
         return d
@@ -95,10 +103,19 @@ def _as_chw(x: np.ndarray, cfg: Config, name: str) -> np.ndarray:
 class Inspector:
     """A loaded model plus its thresholds; thread-safe (device work is serialised by a lock)."""
 
-    def __init__(self, model: ConvVAE, meta: ModelMeta, stats: dict[str, torch.Tensor] | None = None, *,
-                 device: str = "auto", precision: str = "auto", image_threshold: float | None = None,
-                 pixel_threshold: float | None = None, threshold_source: str = "normal",
-                 roi: np.ndarray | None = None):
+    def __init__(
+        self,
+        model: ConvVAE,
+        meta: ModelMeta,
+        stats: dict[str, torch.Tensor] | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        threshold_source: str = "normal",
+        roi: np.ndarray | None = None,
+    ):
         self.meta, self.cfg = meta, meta.cfg
         self.device = resolve_device(device)
         self.amp = autocast_dtype(precision, self.device)
@@ -118,7 +135,7 @@ class Inspector:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", precision: str = "auto", **kw: Any) -> Inspector:
-        """Load a model file (or run directory); ``image_threshold``/``pixel_threshold`` override calibration."""
+        """Load a model file (or run directory); threshold keywords override calibration."""
         model, meta, stats = load_model(path)
         return cls(model, meta, stats, device=device, precision=precision, **kw)
 
@@ -135,8 +152,13 @@ class Inspector:
         """Decode a path / array / PIL image into the model's normalised CHW float32."""
         pp = self.cfg.preprocess
         if isinstance(x, (str, Path)):
-            return read_image(x, intensity=pp.intensity, channels=pp.channels, channel_policy=pp.channel_policy,
-                              max_pixels=pp.max_pixels)
+            return read_image(
+                x,
+                intensity=pp.intensity,
+                channels=pp.channels,
+                channel_policy=pp.channel_policy,
+                max_pixels=pp.max_pixels,
+            )
         name = name or "<array>"
         if hasattr(x, "mode") and hasattr(x, "size") and not isinstance(x, np.ndarray):  # PIL image
             x = np.asarray(x)
@@ -145,8 +167,13 @@ class Inspector:
         chw = _as_chw(x, self.cfg, name)
         if chw.shape[1] * chw.shape[2] > pp.max_pixels:
             raise ImageReadError(name, f"{chw.shape[2]}x{chw.shape[1]} exceeds max_pixels={pp.max_pixels}")
-        meta = ImageMeta(path=name, original_size=tuple(chw.shape[1:]), dtype=str(np.asarray(x).dtype),
-                         channels=chw.shape[0], format="array")
+        meta = ImageMeta(
+            path=name,
+            original_size=tuple(chw.shape[1:]),
+            dtype=str(np.asarray(x).dtype),
+            channels=chw.shape[0],
+            format="array",
+        )
         return chw, meta
 
     # ---- device work -------------------------------------------------------------------------------------
@@ -195,8 +222,16 @@ class Inspector:
             roi = b if roi is None else (roi & b)
         return roi
 
-    def finish(self, item_id: str, chw: np.ndarray, meta: ImageMeta | None, amap_t: torch.Tensor, elbo: float,
-               timing: dict[str, float], keep_image: bool = False) -> Result:
+    def finish(
+        self,
+        item_id: str,
+        chw: np.ndarray,
+        meta: ImageMeta | None,
+        amap_t: torch.Tensor,
+        elbo: float,
+        timing: dict[str, float],
+        keep_image: bool = False,
+    ) -> Result:
         """Original-size map (tensor) -> score, verdict, mask and regions."""
         t0 = time.perf_counter()
         amap = amap_t.cpu().numpy().astype(np.float32, copy=False)
@@ -214,11 +249,23 @@ class Inspector:
             norm, bad = float("nan"), False
         timing = {**timing, "post": (time.perf_counter() - t0) * 1e3}
         timing["total"] = sum(timing.values())
-        return Result(item_id, float(score), norm, bool(bad), amap, mask, regions,
-                      {"image": thr_i, "pixel": thr_p}, timing, meta, chw if keep_image else None)
+        return Result(
+            item_id,
+            float(score),
+            norm,
+            bool(bad),
+            amap,
+            mask,
+            regions,
+            {"image": thr_i, "pixel": thr_p},
+            timing,
+            meta,
+            chw if keep_image else None,
+        )
 
-    def _run(self, batch: list[tuple[str, np.ndarray, ImageMeta | None]], keep_image: bool,
-             decode_ms: list[float]) -> list[Result]:
+    def _run(
+        self, batch: list[tuple[str, np.ndarray, ImageMeta | None]], keep_image: bool, decode_ms: list[float]
+    ) -> list[Result]:
         t0 = time.perf_counter()
         views, geoms = [], []
         for _, chw, _ in batch:
@@ -234,13 +281,17 @@ class Inspector:
             per_image: list[tuple[torch.Tensor, float]] = []
             start = 0
             for n, g in zip(counts, geoms):
-                per_image.append((to_original(maps[start : start + n], g), float(elbo[start : start + n].mean())))
+                per_image.append(
+                    (to_original(maps[start : start + n], g), float(elbo[start : start + n].mean()))
+                )
                 start += n
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         infer_ms = (time.perf_counter() - t0) * 1e3 / len(batch)
-        return [self.finish(i, chw, m, amap, e, {"decode": d, "infer": infer_ms}, keep_image)
-                for (i, chw, m), (amap, e), d in zip(batch, per_image, decode_ms)]
+        return [
+            self.finish(i, chw, m, amap, e, {"decode": d, "infer": infer_ms}, keep_image)
+            for (i, chw, m), (amap, e), d in zip(batch, per_image, decode_ms)
+        ]
 
     def predict(self, x: InputLike | list, keep_image: bool = False) -> Result | list[Result]:
         """One input -> Result; a list/tuple -> list of Results (one device batch)."""
@@ -248,8 +299,9 @@ class Inspector:
             return list(self.predict_batch(x, batch_size=max(1, len(x)), keep_image=keep_image))
         return next(iter(self.predict_batch([x], batch_size=1, keep_image=keep_image)))
 
-    def predict_batch(self, inputs: Iterable[InputLike], batch_size: int = 16,
-                      keep_image: bool = False) -> Iterator[Result]:
+    def predict_batch(
+        self, inputs: Iterable[InputLike], batch_size: int = 16, keep_image: bool = False
+    ) -> Iterator[Result]:
         """Stream inputs in device batches; yields one Result per input, in order. Bad inputs raise."""
         buf: list[tuple[str, np.ndarray, ImageMeta | None]] = []
         dms: list[float] = []
@@ -265,8 +317,12 @@ class Inspector:
         if buf:
             yield from self._run(buf, keep_image, dms)
 
-    def predict_arrays(self, items: list[tuple[str, np.ndarray, ImageMeta | None]], keep_image: bool = False,
-                       decode_ms: list[float] | None = None) -> list[Result]:
+    def predict_arrays(
+        self,
+        items: list[tuple[str, np.ndarray, ImageMeta | None]],
+        keep_image: bool = False,
+        decode_ms: list[float] | None = None,
+    ) -> list[Result]:
         """Already-decoded CHW arrays (from ``read_image``/a DataLoader) -> Results, one device batch."""
         return self._run(items, keep_image, decode_ms or [0.0] * len(items))
 

@@ -41,7 +41,6 @@ __all__ = ["triton_available", "fused_anomaly_map", "compute_anomaly_map"]
 
 MAX_RADIUS = 31  # largest window radius the kernels take (63 taps); larger falls back to torch
 _DOT_PRECISION = "tf32x3"  # vertical pass on tensor cores with ~fp32 accuracy ("ieee": exact fp32 FMAs)
-_NUM_WARPS = 8
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -199,11 +198,14 @@ def _taps(sigma: float, radius: int, device: torch.device) -> torch.Tensor:
     return _TAPS[key]
 
 
-def _tile(h: int, w: int, radius: int) -> tuple[int, int]:
-    """(PH halo rows, BW columns): PH - 2*radius output rows per tile, small tiles for small images."""
+def _tile(h: int, w: int, radius: int, max_bw: int) -> tuple[int, int, int]:
+    """(PH halo rows, BW columns, warps): PH - 2*radius output rows per tile, smaller tiles for small images.
+
+    Sized so that the sm_90 build does not spill registers for the usual windows (11-tap SSIM, sigma <= 5).
+    """
     ph = max(16, triton.next_power_of_2(2 * radius + min(h, 32)))
-    bw = max(16, min(32, triton.next_power_of_2(w)))
-    return ph, bw
+    bw = max(16, min(max_bw, triton.next_power_of_2(w)))
+    return ph, bw, 4 if ph * bw <= 64 * 16 else 8
 
 
 def _unsupported(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig) -> str | None:
@@ -236,13 +238,13 @@ def _blur(m: torch.Tensor, sigma: float, interpret: bool) -> torch.Tensor:
     if radius > MAX_RADIUS:
         return gaussian_blur(m, sigma)
     bsz, h, w = m.shape
-    ph, bw = _tile(h, w, radius)
+    ph, bw, warps = _tile(h, w, radius, max_bw=64)
     out = torch.empty_like(m)
     grid = (triton.cdiv(w, bw), triton.cdiv(h, ph - 2 * radius), bsz)
     _kernels(interpret)[1][grid](
         m, _taps(sigma, radius, m.device), out, h, w,
         WIN=2 * radius + 1, REFLECT=min(h, w) > radius, PH=ph, BW=bw,
-        PREC="ieee" if interpret else _DOT_PRECISION, num_warps=_NUM_WARPS,
+        PREC="ieee" if interpret else _DOT_PRECISION, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -265,7 +267,7 @@ def fused_anomaly_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigm
     interpret = _interpret_mode()
     use_ssim = bool(cfg.ssim)
     radius = cfg.ssim_window // 2 if use_ssim else 0
-    ph, bw = _tile(h, w, radius)
+    ph, bw, warps = _tile(h, w, radius, max_bw=16)
     grid = (triton.cdiv(w, bw), triton.cdiv(h, ph - 2 * radius), bsz)
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         _kernels(interpret)[0][grid](
@@ -274,7 +276,7 @@ def fused_anomaly_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigm
             float(cfg.l1), float(cfg.l2), float(cfg.ssim) * 0.5, SSIM_C1, SSIM_C2,
             WIN=2 * radius + 1, REFLECT=min(h, w) > radius, USE_SSIM=use_ssim,
             REDUCE_MAX=cfg.channel_reduce == "max", PH=ph, BW=bw,
-            PREC="ieee" if interpret else _DOT_PRECISION, num_warps=_NUM_WARPS,
+            PREC="ieee" if interpret else _DOT_PRECISION, num_warps=warps,
         )  # fmt: skip
         if sigma > 0:
             out = _blur(out, sigma, interpret)

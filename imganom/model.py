@@ -1,4 +1,5 @@
-"""A convolutional VAE as a plain ``nn.Module``: strided conv encoder, dense or spatial latent, mirrored decoder.
+"""A convolutional VAE as a plain ``nn.Module``: strided conv encoder, dense or spatial latent,
+mirrored decoder.
 
 Training and scoring live beside it (``train.py``, ``anomaly_map.py``), never inside.
 """
@@ -93,7 +94,9 @@ class ConvVAE(nn.Module):
         return torch.sigmoid(self.decoder(h))
 
     @staticmethod
-    def sample(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Reparameterised draw z = mu + sigma * eps."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps

@@ -93,8 +93,10 @@ def save_model(
     stats: dict[str, torch.Tensor] | None = None,
 ) -> ModelMeta:
     """Write weights + metadata atomically (temp file + rename); returns the metadata written."""
-    tensors = {f"vae.{k}": v.detach().cpu().contiguous().float() if v.is_floating_point() else v.detach().cpu()
-               for k, v in model.state_dict().items()}
+    tensors = {
+        f"vae.{k}": v.detach().cpu().contiguous().float() if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     for k, v in (stats or {}).items():
         tensors[f"stats.{k}"] = v.detach().cpu().contiguous().float()
     meta = ModelMeta(
@@ -163,7 +165,7 @@ def _parse_meta(raw: str | None, p: Path) -> ModelMeta:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConvVAE, ModelMeta, dict]:
-    """Build the VAE from the file's own config and load its weights; returns (model in eval mode, meta, stats)."""
+    """Build the VAE from the file's own config and load its weights; -> (eval-mode model, meta, stats)."""
     p = resolve_model_path(path)
     meta = read_meta(p)
     try:
@@ -177,17 +179,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise ModelFileError(f"{p}: weights do not match the architecture in its metadata ({first})") from None
+        raise ModelFileError(
+            f"{p}: weights do not match the architecture in its metadata ({first})"
+        ) from None
     if meta.model_id and _weights_id(tensors) != meta.model_id:
         raise ModelFileError(f"{p}: weights checksum does not match metadata model_id (file corrupted?)")
     stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
     return model.to(device).eval(), meta, stats
 
 
-def update_calibration(path: str | Path, calibration: dict[str, Any], stats: dict[str, torch.Tensor] | None = None) -> ModelMeta:
+def update_calibration(
+    path: str | Path, calibration: dict[str, Any], stats: dict[str, torch.Tensor] | None = None
+) -> ModelMeta:
     """Rewrite the file with new calibration (and optionally stats tensors), weights untouched."""
     model, meta, old_stats = load_model(path)
     if stats is not None:
         old_stats = {**old_stats, **stats}
-    return save_model(resolve_model_path(path), model, meta.cfg, training=meta.training,
-                      calibration=calibration, stats=old_stats)
+    return save_model(
+        resolve_model_path(path),
+        model,
+        meta.cfg,
+        training=meta.training,
+        calibration=calibration,
+        stats=old_stats,
+    )

@@ -30,8 +30,19 @@ from .trainset import NormalImages, fingerprint
 
 log = logging.getLogger(__name__)
 CKPT = "checkpoint.safetensors"
-LOG_COLUMNS = ["epoch", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl", "beta", "lr",
-               "images_per_s", "seconds"]
+LOG_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_recon",
+    "train_kl",
+    "val_loss",
+    "val_recon",
+    "val_kl",
+    "beta",
+    "lr",
+    "images_per_s",
+    "seconds",
+]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -119,7 +130,9 @@ def _load_checkpoint(path: Path, model, opt) -> tuple[dict, dict[str, torch.Tens
     return meta, best
 
 
-def _run_epoch(model, loader, opt, cfg, device, amp, scaler, epoch, n_batches, total_steps, step, progress, task):
+def _run_epoch(
+    model, loader, opt, cfg, device, amp, scaler, epoch, n_batches, total_steps, step, progress, task
+):
     model.train()
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
     n = 0
@@ -170,8 +183,15 @@ def evaluate_loss(model, loader, cfg: Config, device, amp) -> dict[str, float]:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = False, device: str = "auto",
-          progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    data: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainResult:
     """Train on the normal images under ``data``; writes the run directory and returns a summary."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -186,7 +206,11 @@ def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = 
     idx = list(range(len(paths)))
     tr_idx, va_idx = train_val_split(idx, cfg.train.val_fraction, cfg.train.seed)
     train_set = NormalImages([paths[i] for i in tr_idx], [ids[i] for i in tr_idx], cfg, train=True)
-    val_set = NormalImages([paths[i] for i in va_idx], [ids[i] for i in va_idx], cfg, train=False) if va_idx else None
+    val_set = (
+        NormalImages([paths[i] for i in va_idx], [ids[i] for i in va_idx], cfg, train=False)
+        if va_idx
+        else None
+    )
 
     model = ConvVAE(cfg.model, cfg.preprocess.channels, cfg.preprocess.size).to(dev)
     model = model.to(memory_format=torch.channels_last)
@@ -194,8 +218,14 @@ def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = 
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.train.compile else model
 
-    state = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "bad_epochs": 0,
-             "config": cfg.model_dump(mode="json")}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best_val": float("inf"),
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "config": cfg.model_dump(mode="json"),
+    }
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ckpt = run_dir / CKPT
     if resume:
@@ -214,24 +244,49 @@ def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = 
     bs = min(cfg.train.batch_size, len(train_set))
     n_batches = math.ceil(len(train_set) / bs)
     total_steps = n_batches * cfg.train.epochs
-    val_loader = (DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.train.workers)
-                  if val_set else None)
+    val_loader = (
+        DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.train.workers) if val_set else None
+    )
     stopped_early = interrupted = False
     bar_ctx = _progress_bar() if progress else contextlib.nullcontext()
     with bar_ctx as bar:
-        task = bar.add_task("train", total=len(train_set), loss=float("nan"), ips=0.0) if bar is not None else None
+        task = (
+            bar.add_task("train", total=len(train_set), loss=float("nan"), ips=0.0)
+            if bar is not None
+            else None
+        )
         try:
             while state["epoch"] < cfg.train.epochs:
                 epoch = state["epoch"]
                 te = time.perf_counter()
                 train_set.epoch = epoch
                 g.manual_seed(cfg.train.seed * 100_003 + epoch)
-                loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=g, drop_last=False,
-                                    num_workers=cfg.train.workers, persistent_workers=False)
+                loader = DataLoader(
+                    train_set,
+                    batch_size=bs,
+                    shuffle=True,
+                    generator=g,
+                    drop_last=False,
+                    num_workers=cfg.train.workers,
+                    persistent_workers=False,
+                )
                 if bar is not None:
                     bar.reset(task, total=len(train_set), description=f"epoch {epoch + 1}/{cfg.train.epochs}")
-                tr, state["step"], beta, lr, n = _run_epoch(fwd, loader, opt, cfg, dev, amp, scaler, epoch,
-                                                            n_batches, total_steps, state["step"], bar, task)
+                tr, state["step"], beta, lr, n = _run_epoch(
+                    fwd,
+                    loader,
+                    opt,
+                    cfg,
+                    dev,
+                    amp,
+                    scaler,
+                    epoch,
+                    n_batches,
+                    total_steps,
+                    state["step"],
+                    bar,
+                    task,
+                )
                 secs = time.perf_counter() - te
                 va = evaluate_loss(fwd, val_loader, cfg, dev, amp) if val_loader else tr
                 state["epoch"] = epoch + 1
@@ -241,9 +296,24 @@ def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = 
                 else:
                     state["bad_epochs"] += 1
                 with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([epoch + 1, tr["loss"], tr["recon"], tr["kl"], va["loss"], va["recon"],
-                                            va["kl"], beta, lr, n / secs, secs])
-                log.info("epoch %d train %.4f val %.4f (%.0f img/s)", epoch + 1, tr["loss"], va["loss"], n / secs)
+                    csv.writer(f).writerow(
+                        [
+                            epoch + 1,
+                            tr["loss"],
+                            tr["recon"],
+                            tr["kl"],
+                            va["loss"],
+                            va["recon"],
+                            va["kl"],
+                            beta,
+                            lr,
+                            n / secs,
+                            secs,
+                        ]
+                    )
+                log.info(
+                    "epoch %d train %.4f val %.4f (%.0f img/s)", epoch + 1, tr["loss"], va["loss"], n / secs
+                )
                 done = state["epoch"] >= cfg.train.epochs
                 if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
                     stopped_early = done = True
@@ -259,21 +329,40 @@ def train(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = 
     model.load_state_dict(best_state)
     model = model.to(memory_format=torch.contiguous_format).cpu().eval()
     training = {
-        "data": str(data), "fingerprint": fingerprint(train_set.ids),
+        "data": str(data),
+        "fingerprint": fingerprint(train_set.ids),
         "val_fingerprint": fingerprint(val_set.ids) if val_set else None,
-        "epochs": state["epoch"], "best_epoch": state["best_epoch"] + 1, "best_val_loss": state["best_val"],
-        "skipped": train_set.skipped, "seed": cfg.train.seed, "device": str(dev),
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"] + 1,
+        "best_val_loss": state["best_val"],
+        "skipped": train_set.skipped,
+        "seed": cfg.train.seed,
+        "device": str(dev),
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
     }
     model_path = run_dir / "model.safetensors"
     save_model(model_path, model, cfg, training=training)
-    return TrainResult(run_dir, model_path, state["epoch"], state["best_val"], stopped_early, interrupted,
-                       time.perf_counter() - t0, [paths[i] for i in va_idx])
+    return TrainResult(
+        run_dir,
+        model_path,
+        state["epoch"],
+        state["best_val"],
+        stopped_early,
+        interrupted,
+        time.perf_counter() - t0,
+        [paths[i] for i in va_idx],
+    )
 
 
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                    TimeElapsedColumn(), transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+        transient=False,
+    )

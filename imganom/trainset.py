@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 
 def build_augment(cfg: AugmentConfig, seed: int = 0):
     """An albumentations pipeline for HWC float32 images in [0, 1] (None when everything is off)."""
-    import cv2
-
     import albumentations as A
+    import cv2
 
     ops = []
     if cfg.hflip:
@@ -34,11 +33,20 @@ def build_augment(cfg: AugmentConfig, seed: int = 0):
     if cfg.vflip:
         ops.append(A.VerticalFlip(p=cfg.vflip))
     if cfg.affine_p and (cfg.shift or cfg.rotate):
-        ops.append(A.Affine(translate_percent=(-cfg.shift, cfg.shift), rotate=(-cfg.rotate, cfg.rotate),
-                            border_mode=cv2.BORDER_REFLECT_101, p=cfg.affine_p))
+        ops.append(
+            A.Affine(
+                translate_percent=(-cfg.shift, cfg.shift),
+                rotate=(-cfg.rotate, cfg.rotate),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=cfg.affine_p,
+            )
+        )
     if cfg.brightness_contrast_p and (cfg.brightness or cfg.contrast):
-        ops.append(A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=cfg.contrast,
-                                              p=cfg.brightness_contrast_p))
+        ops.append(
+            A.RandomBrightnessContrast(
+                brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=cfg.brightness_contrast_p
+            )
+        )
     if cfg.noise_p and cfg.noise_std:
         ops.append(A.GaussNoise(std_range=(0.0, cfg.noise_std), p=cfg.noise_p))
     return A.Compose(ops, seed=seed) if ops else None
@@ -64,8 +72,13 @@ class NormalImages(Dataset):
         self.skipped: list[str] = []
         for p, i in zip(paths, ids):
             try:
-                chw, _ = read_image(p, intensity=pp.intensity, channels=pp.channels,
-                                    channel_policy=pp.channel_policy, max_pixels=pp.max_pixels)
+                chw, _ = read_image(
+                    p,
+                    intensity=pp.intensity,
+                    channels=pp.channels,
+                    channel_policy=pp.channel_policy,
+                    max_pixels=pp.max_pixels,
+                )
             except ImageReadError as e:
                 log.warning("skipping training image: %s", e)
                 self.skipped.append(str(e))
@@ -75,8 +88,9 @@ class NormalImages(Dataset):
             self.items.append(np.ascontiguousarray(chw))
             self.ids.append(i)
         if not self.items:
-            raise ValueError("no readable training images" + (f" (first error: {self.skipped[0]})"
-                                                               if self.skipped else ""))
+            raise ValueError(
+                "no readable training images" + (f" (first error: {self.skipped[0]})" if self.skipped else "")
+            )
         self.augment = build_augment(cfg.augment, cfg.train.seed) if train else None
 
     def __len__(self) -> int:

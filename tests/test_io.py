@@ -36,6 +36,7 @@ RGBA8 = np.dstack([RGB8, RNG.integers(0, 256, (H, W), dtype=np.uint8)])
 GRAY16 = RNG.integers(0, 65536, (H, W), dtype=np.uint16)
 RGB16 = RNG.integers(0, 65536, (H, W, 3), dtype=np.uint16)
 PERCENTILE = IntensityConfig(mode="percentile", low=0, high=100)
+FORMAT_FILES = ["rgb.jpg", "rgb8.png", "gray16.png", "rgb.bmp", "u16.tif", "ct.dcm", "vol.nii.gz"]
 
 
 def chw(hwc: np.ndarray, scale: float) -> np.ndarray:
@@ -52,7 +53,8 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "OT"
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.ndim == 3:
         ds.NumberOfFrames = pixels.shape[0]
@@ -355,7 +357,7 @@ def test_missing_directory_empty(tmp_path):
         read_image_bytes(b"", name="up.png")
 
 
-@pytest.mark.parametrize("name", ["rgb.jpg", "rgb8.png", "gray16.png", "rgb.bmp", "u16.tif", "ct.dcm", "vol.nii.gz"])
+@pytest.mark.parametrize("name", FORMAT_FILES)
 def test_truncated_files(tmp_path, files, name):
     data = files[name].read_bytes()
     p = tmp_path / f"cut_{name}"
@@ -376,8 +378,9 @@ def test_text_file_named_png_and_unsupported_extension(tmp_path):
     assert "DICOM" in _err(tmp_path / "notes.dcm")
 
 
-@pytest.mark.parametrize("junk", [b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"\xff\xd8\xff" + b"x" * 40, b"II*\x00" + b"\1" * 40,
-                                  b"\x1f\x8b" + b"\0" * 40, b"\0" * 128 + b"DICM" + b"\xff" * 40])
+@pytest.mark.parametrize("junk", [b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"\xff\xd8\xff" + b"x" * 40,
+                                  b"II*\x00" + b"\1" * 40, b"\x1f\x8b" + b"\0" * 40,
+                                  b"\0" * 128 + b"DICM" + b"\xff" * 40])
 def test_garbage_behind_valid_magic_is_wrapped(tmp_path, junk):
     (tmp_path / "junk.bin").write_bytes(junk)
     assert _err(tmp_path / "junk.bin")
@@ -394,7 +397,7 @@ def test_wrong_channel_count(tmp_path, files):
         read_image(files["rgb8.png"], channel_policy="maybe")
 
 
-@pytest.mark.parametrize("name", ["rgb.jpg", "rgb8.png", "gray16.png", "rgb.bmp", "u16.tif", "ct.dcm", "vol.nii.gz"])
+@pytest.mark.parametrize("name", FORMAT_FILES)
 def test_max_pixels_guard(files, name):
     reason = _err(files[name], max_pixels=H * W - 1, slice_index=0 if name.endswith(".nii.gz") else None)
     assert f"{H}x{W}" in reason and "max_pixels" in reason
@@ -450,4 +453,6 @@ def test_error_type_and_pickle():
 
 
 def test_extensions_constant():
-    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
+    assert IMAGE_EXTENSIONS == (
+        ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz"
+    )
