@@ -18,7 +18,9 @@ Padding matches ``anomaly_map._sep_conv``: reflect by index reflection, or repli
 image's smaller side is not larger than the radius.
 
 The kernels are wrapped with ``triton.jit`` lazily, once per interpreter mode, so ``TRITON_INTERPRET=1`` is
-honoured whenever it is set before a call (tests), not only when set before this module was imported.
+honoured whenever it is set before a call (tests), not only when set before this module was imported. For the
+same reason they use only builtin ``tl`` ops (``tl.full``, not ``tl.zeros``): triton's own ``@jit`` library
+functions are bound to the mode that was active when triton was imported, and fail in the other mode.
 """
 
 import math
@@ -96,7 +98,7 @@ if triton is not None:
         if REDUCE_MAX:
             acc = tl.full((PH, BW), float("-inf"), tl.float32)
         else:
-            acc = tl.zeros((PH, BW), tl.float32)
+            acc = tl.full((PH, BW), 0.0, tl.float32)
         x_img = x_ptr + b * sx_b
         r_img = r_ptr + b * sr_b
         for c in range(C):
@@ -108,11 +110,11 @@ if triton is not None:
             val = l1 * tl.abs(d) + l2 * d * d
             if USE_SSIM:
                 # Horizontal pass: Gaussian-weighted moments of x, r, x^2, r^2, x*r along each halo row.
-                hx = tl.zeros((PH, BW), tl.float32)
-                hr = tl.zeros((PH, BW), tl.float32)
-                hxx = tl.zeros((PH, BW), tl.float32)
-                hrr = tl.zeros((PH, BW), tl.float32)
-                hxr = tl.zeros((PH, BW), tl.float32)
+                hx = tl.full((PH, BW), 0.0, tl.float32)
+                hr = tl.full((PH, BW), 0.0, tl.float32)
+                hxx = tl.full((PH, BW), 0.0, tl.float32)
+                hrr = tl.full((PH, BW), 0.0, tl.float32)
+                hxr = tl.full((PH, BW), 0.0, tl.float32)
                 for k in range(WIN):
                     col = cols + (k - R)
                     if REFLECT:
@@ -167,7 +169,7 @@ if triton is not None:
         band = tl.load(w_ptr + tl.where(in_band, kk, 0), mask=in_band, other=0.0)
 
         img = m_ptr + b * H * W
-        h = tl.zeros((PH, BW), tl.float32)
+        h = tl.full((PH, BW), 0.0, tl.float32)
         for k in range(WIN):
             col = cols + (k - R)
             if REFLECT:

@@ -3,8 +3,8 @@
 How interpreter mode is made robust: ``imganom.kernels`` wraps its kernels with ``triton.jit`` lazily, once
 per mode, at call time. So the ``interpret`` fixture only has to set ``TRITON_INTERPRET=1`` (monkeypatch)
 before the call; it does not matter whether triton or imganom.kernels were imported earlier, by this or any
-other module, without it. The interpreter is slow: inputs here are tiny. ``TestGPU`` (skipped without CUDA) unsets the
-variable so the compiled kernels run, and checks half-precision error bounds at 256x256.
+other module, without it. The interpreter is slow: inputs here are tiny. ``TestGPU`` (skipped without CUDA)
+unsets the variable so the compiled kernels run, and checks half-precision error bounds at 256x256.
 """
 
 import os
