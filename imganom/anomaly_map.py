@@ -32,8 +32,16 @@ def _sep_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     kh = k.view(1, 1, 1, -1).expand(c, 1, 1, -1)
     kv = k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
     mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), kh, groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), kv, groups=c)
+    x = _conv(F.pad(x, (r, r, 0, 0), mode=mode), kh, c)
+    return _conv(F.pad(x, (0, 0, r, r), mode=mode), kv, c)
+
+
+def _conv(x: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped conv in true fp32: cuDNN's default TF32 would put ~1e-1 errors into low-contrast SSIM terms."""
+    if x.is_cuda:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return F.conv2d(x, k, groups=groups)
+    return F.conv2d(x, k, groups=groups)
 
 
 def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -201,27 +201,29 @@ def run_inspect(
                 if on_progress:
                     on_progress(st)
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        def device_batches():  # decoded batches -> the inspector's device pipeline (one batch in flight)
             for batch in loader:
                 ok = [b for b in batch if b["error"] is None]
+                args = [(items[todo[b["i"]]].id, b["chw"], b["meta"]) for b in ok]
+                yield (batch, ok, args), args, [b["ms"] for b in ok]
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            stream = insp.predict_stream(device_batches(), keep_image=True, errors="return")
+            for (batch, ok, args), rs in stream:
                 results: dict[int, Result] = {}
-                if ok:
-                    sub = [items[todo[b["i"]]] for b in ok]
-                    args = [(it.id, b["chw"], b["meta"]) for it, b in zip(sub, ok)]
-                    try:
-                        rs = insp.predict_arrays(args, keep_image=True, decode_ms=[b["ms"] for b in ok])
-                        results = {b["i"]: r for b, r in zip(ok, rs)}
-                    except (RuntimeError, ValueError):  # e.g. out of memory: retry one by one
-                        for b, a in zip(ok, args):
-                            try:
-                                results[b["i"]] = insp.predict_arrays([a], keep_image=True)[0]
-                            except (RuntimeError, ValueError) as e:
-                                b["error"] = f"{items[todo[b['i']]].path}: inspection failed: {e}"
+                if not isinstance(rs, Exception):
+                    results = {b["i"]: r for b, r in zip(ok, rs)}
+                else:  # e.g. out of memory even after halving: retry one by one
+                    for b, a in zip(ok, args):
+                        try:
+                            results[b["i"]] = insp.predict_arrays([a], keep_image=True)[0]
+                        except (RuntimeError, ValueError) as e:
+                            b["error"] = f"{items[todo[b['i']]].path}: inspection failed: {e}"
                 for b in batch:
                     it = items[todo[b["i"]]]
                     r = results.get(b["i"])
                     fut = None
-                    if r is not None:
+                    if r is not None and r.anomaly_map is not None:  # Inspector(maps="ng"): NG images only
                         fut = pool.submit(_write_outputs, out, r, options, vmax or max(r.score, 1e-6))
                     pending.append((it, r, b["error"], fut))
                 drain(block=len(pending) > 4 * batch_size)

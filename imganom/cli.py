@@ -66,16 +66,17 @@ def train(
 ) -> None:
     """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
     _setup(verbose)
-    from .calibrate import calibrate
     from .config import ConfigError, load_config
-    from .inspector import Inspector
-    from .modelfile import update_calibration
-    from .train import train as run_train
 
     try:
         cfg = load_config(config, _overrides(epochs, seed, precision, batch_size))
     except ConfigError as e:
         _fail(str(e))
+    # torch-heavy imports only once the config is valid: config errors are reported in well under a second
+    from .calibrate import calibrate
+    from .inspector import Inspector
+    from .modelfile import update_calibration
+    from .train import train as run_train
     try:
         res = run_train(cfg, data, out, resume=resume, device=device, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:

@@ -98,18 +98,33 @@ def _cosine_lr(cfg: Config, step: int, total: int) -> float:
     return cfg.train.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _save_checkpoint(path: Path, model, best_state, opt, state: dict[str, Any]) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+def _checkpoint_snapshot(model, best_state, opt, state: dict[str, Any]) -> tuple[dict, dict]:
+    """CPU copies of everything a checkpoint holds, taken at an epoch boundary: (tensors, metadata)."""
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().clone().contiguous() for k, v in best_state.items()})
     osd = opt.state_dict()
     for idx, st in osd["state"].items():
         for name, v in st.items():
-            tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous().reshape(v.shape)
+            tensors[f"opt.{idx}.{name}"] = v.detach().cpu().clone().contiguous().reshape(v.shape)
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {**state, "param_groups": osd["param_groups"]}
+    return tensors, json.loads(json.dumps({**state, "param_groups": osd["param_groups"]}))
+
+
+def _write_checkpoint(path: Path, snapshot: tuple[dict, dict]) -> None:
+    tensors, meta = snapshot
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"imganom_ckpt": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def _truncate_log(log_path: Path, epochs: int) -> None:
+    """Drop log rows of epochs after the checkpoint (a run killed after logging them will redo them)."""
+    with open(log_path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= epochs]
+    if len(keep) != len(rows):
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
 
 
 def _load_checkpoint(path: Path, model, opt) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -239,6 +254,10 @@ def train(
     if not resume or not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_COLUMNS)
+    else:
+        _truncate_log(log_path, state["epoch"])
+    # the last epoch-boundary state: what Ctrl-C saves, so resuming is exact even after a mid-epoch interrupt
+    snapshot = _checkpoint_snapshot(model, best_state, opt, state)
 
     g = torch.Generator().manual_seed(cfg.train.seed)
     bs = min(cfg.train.batch_size, len(train_set))
@@ -317,13 +336,16 @@ def train(
                 done = state["epoch"] >= cfg.train.epochs
                 if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
                     stopped_early = done = True
+                snapshot = _checkpoint_snapshot(model, best_state, opt, state)
                 if done or state["epoch"] % cfg.train.checkpoint_every == 0:
-                    _save_checkpoint(ckpt, model, best_state, opt, state)
+                    _write_checkpoint(ckpt, snapshot)
                 if done:
                     break
         except KeyboardInterrupt:
             interrupted = True
-            _save_checkpoint(ckpt, model, best_state, opt, state)
+            _write_checkpoint(ckpt, snapshot)  # the last completed epoch, not the partial one
+            state.update({k: v for k, v in snapshot[1].items() if k != "param_groups"})
+            best_state = {k[5:]: v for k, v in snapshot[0].items() if k.startswith("best.")}
             log.warning("interrupted: resumable checkpoint saved to %s (epoch %d)", ckpt, state["epoch"])
 
     model.load_state_dict(best_state)

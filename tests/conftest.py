@@ -1,0 +1,65 @@
+"""Session-wide fixtures for the core-pipeline tests: one small synthetic dataset and one tiny trained model.
+
+Both are built once per test session (the model trains in ~15 s on two CPU cores) and must be treated as
+read-only by tests: copy the model file before changing its calibration.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# At most 2 threads, fewer when OMP_NUM_THREADS says so: on a shared 2-core machine 2 threads made tiny
+# training steps 5-30x slower than 1 thread (spinning OpenMP workers competing with other processes).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
+
+TINY_EPOCHS = 4
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for ``imganom`` subprocesses: quiet albumentations, few threads, no colour codes."""
+    env = dict(os.environ)
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="200")
+    return env
+
+
+def imganom_cmd(*args: str) -> list[str]:
+    """The installed ``imganom`` console script next to this interpreter (falls back to ``-m``)."""
+    exe = Path(sys.executable).with_name("imganom")
+    if exe.is_file():
+        return [str(exe), *args]
+    return [sys.executable, "-m", "imganom.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MVTec-layout synthetic dataset: 48 train/good, 8 test/good, 10 defects (2 per kind), 64 px."""
+    from imganom.synth import make_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "ds"
+    make_dataset(root, n_train=48, n_test_good=8, n_test_defect=10, size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset trained 4 epochs on ``synth_root`` and calibrated on its held-out split, exactly as
+    ``imganom train`` does; returns the model file path (its run directory holds ``log.csv``)."""
+    from imganom.calibrate import calibrate
+    from imganom.config import load_config
+    from imganom.inspector import Inspector
+    from imganom.modelfile import update_calibration
+    from imganom.train import train
+
+    cfg = load_config("tiny", {"train": {"epochs": TINY_EPOCHS}})
+    res = train(cfg, synth_root, tmp_path_factory.mktemp("tiny_run"), device="cpu", progress=False)
+    insp = Inspector.load(res.model_path, device="cpu")
+    cal, stats = calibrate(insp, res.val_paths)
+    update_calibration(res.model_path, cal, stats)
+    return res.model_path

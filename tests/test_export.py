@@ -1,0 +1,246 @@
+"""ONNX export: CLI, graph checks, parity OnnxInspector vs Inspector, metadata and threshold edits.
+
+Tolerances (fp32; the SSIM variance terms E[x^2] - E[x]^2 amplify summation-order differences between
+torch's and onnxruntime's depthwise convolutions): maps within PARITY_RTOL = 1e-4 of the map's max |value|
+(1e-3 for standardised maps, see imganom.export), image scores within 1e-4 relative, verdicts identical,
+masks equal on >= 99.9 % of pixels. The CLI runs in-process (typer's CliRunner) to spare a torch import.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from imganom.calibrate import calibrate
+from imganom.cli import app
+from imganom.config import load_config
+from imganom.export import (
+    PARITY_RTOL,
+    PARITY_RTOL_STANDARDIZED,
+    OnnxInspector,
+    UnsupportedModelError,
+    export_onnx,
+    load_inspector,
+    read_onnx_meta,
+    update_onnx_thresholds,
+)
+from imganom.inspector import Inspector
+from imganom.modelfile import ModelFileError, load_model, read_meta, save_model, update_calibration
+from imganom.synth import make_dataset
+from imganom.train import train
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny calibrated model, its data, ~10 test images (one non-square) and the CLI-exported ONNX file."""
+    root = tmp_path_factory.mktemp("export")
+    data = root / "data"
+    make_dataset(data, n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
+    res = train(load_config("tiny", {"train": {"epochs": 3}}), data, root / "run", progress=False)
+    insp = Inspector.load(res.model_path)
+    cal, stats = calibrate(insp, res.val_paths)
+    update_calibration(res.model_path, cal, stats)
+    good = sorted((data / "test" / "good").glob("*.png"))[:4]
+    bad = sorted(p for p in (data / "test").glob("*/*.png") if p.parent.name != "good")[:5]
+    wide = root / "wide.png"  # non-square (48 x 80), stretched to 64 x 64 by the tiny config
+    cv2.imwrite(str(wide), cv2.resize(cv2.imread(str(bad[0]), cv2.IMREAD_GRAYSCALE), (80, 48)))
+    onnx_path = root / "model.onnx"
+    args = ["export", "--model", str(res.model_path), "--format", "onnx", "--out", str(onnx_path), "--opset",
+            "18", "--check"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == str(onnx_path)
+    assert "check:" in r.output
+    return {"root": root, "model": res.model_path, "onnx": onnx_path, "images": [*good, *bad, wide]}
+
+
+def _variant(trained: dict, name: str, **overrides: dict) -> Path:
+    """The trained weights saved under a changed config (calibration and stats copied)."""
+    model, meta, stats = load_model(trained["model"])
+    cfg = meta.cfg.model_dump()
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    path = trained["root"] / f"{name}.safetensors"
+    save_model(path, model, load_config(None, cfg), training=meta.training, calibration=meta.calibration,
+               stats=stats)  # fmt: skip
+    return path
+
+
+def _assert_parity(a: list, b: list, rtol: float = PARITY_RTOL) -> None:
+    assert [r.id for r in a] == [r.id for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.anomaly_map.shape == rb.anomaly_map.shape
+        scale = float(np.abs(rb.anomaly_map).max())
+        assert float(np.abs(ra.anomaly_map - rb.anomaly_map).max()) <= rtol * scale, ra.id
+        assert ra.score == pytest.approx(rb.score, rel=1e-4, abs=1e-7), ra.id
+        assert ra.verdict == rb.verdict, ra.id
+        assert np.mean(ra.mask != rb.mask) <= 1e-3, ra.id
+
+
+def test_exported_graph_is_valid_with_dynamic_batch(trained: dict) -> None:
+    m = onnx.load(str(trained["onnx"]))
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.name for i in m.graph.input] == ["images"]
+    assert [o.name for o in m.graph.output] == ["anomaly_map", "score", "elbo"]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 64, 64]
+    pads = [n for n in m.graph.node if n.op_type == "Pad"]
+    assert any(a.name == "mode" and a.s == b"reflect" for n in pads for a in n.attribute)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert any(a.name == "group" and a.i > 1 for n in convs for a in n.attribute)  # depthwise smoothing
+    keys = {p.key for p in m.metadata_props}
+    assert keys >= {"imganom.thresholds", "imganom.config", "imganom.calibration", "imganom.preprocess"}
+
+    insp = OnnxInspector.load(trained["onnx"], threads=1)
+    x = np.random.default_rng(0).random((5, 1, 64, 64), dtype=np.float32)
+    five = insp.session.run(None, {"images": x})
+    assert [o.shape for o in five] == [(5, 64, 64), (5,), (5,)]
+    for k in (0, 3):
+        one = insp.session.run(None, {"images": x[k : k + 1]})
+        assert [o.shape for o in one] == [(1, 64, 64), (1,), (1,)]
+        np.testing.assert_allclose(one[0][0], five[0][k], rtol=0, atol=1e-6)
+        assert float(one[1][0]) == pytest.approx(float(five[0][k].max()), rel=1e-6)  # score 'max'
+
+
+def test_onnx_inspector_matches_inspector(trained: dict) -> None:
+    ref = Inspector.load(trained["model"])
+    oi = OnnxInspector.load(trained["onnx"], threads=1)
+    paths = trained["images"]
+    assert len(paths) == 10
+    want = ref.predict(paths)
+    assert {r.verdict for r in want} == {"OK", "NG"}  # the comparison covers both verdicts
+    assert want[-1].anomaly_map.shape == (48, 80)
+    _assert_parity(oi.predict(paths), want)
+    _assert_parity(list(oi.predict_batch(paths, batch_size=5)), want)  # batches of 5 and 5
+    _assert_parity([oi.predict(paths[0])], want[:1])  # batch of 1
+    items = [(str(p), *oi.load_input(p)) for p in paths[:3]]
+    _assert_parity(oi.predict_arrays(items), ref.predict_arrays(items))
+    # ELBO output and the graph's own score output for model-sized inputs
+    x = np.stack([oi.load_input(p)[0] for p in paths[:9]])
+    _, score, elbo = oi.session.run(None, {"images": x})
+    import torch
+
+    ref_maps, ref_elbo = ref.model_maps(torch.from_numpy(x))
+    np.testing.assert_allclose(elbo, ref_elbo.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(score, [r.score for r in want[:9]], rtol=1e-4)
+    assert float(np.abs(ref_maps.numpy().max(axis=(1, 2)) - score).max()) < 1e-4
+
+
+def test_metadata_round_trip(trained: dict) -> None:
+    meta = read_meta(trained["model"])
+    d = read_onnx_meta(trained["onnx"])
+    assert d["model_id"] == meta.model_id
+    assert d["config"] == meta.config
+    assert d["calibration"] == meta.calibration
+    assert d["thresholds"]["image_threshold"] == meta.calibration["image_threshold"]
+    assert d["preprocess"]["size"] == [64, 64] and d["preprocess"]["channels"] == 1
+    assert d["preprocess"]["intensity"]["mode"] == "dtype" and d["preprocess"]["resize"] == "stretch"
+    assert d["export"]["opset"] == 18 and d["export"]["score"] == "max"
+    oi, ref = OnnxInspector.load(trained["onnx"], threads=1), Inspector.load(trained["model"])
+    assert asdict(oi.meta) == asdict(meta)
+    assert oi.model_id == ref.model_id
+    assert (oi.image_threshold, oi.pixel_threshold, oi.score_scale) == (
+        ref.image_threshold, ref.pixel_threshold, ref.score_scale)  # fmt: skip
+    assert isinstance(load_inspector(trained["onnx"], threads=1), OnnxInspector)
+    assert type(load_inspector(trained["model"])) is Inspector
+
+
+def test_update_thresholds_changes_verdicts_without_reexport(trained: dict, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    shutil.copy(trained["onnx"], path)
+    graph_before = onnx.load(str(path)).graph.SerializeToString()
+    paths = trained["images"][:9]
+    scores = [r.score for r in OnnxInspector.load(path, threads=1).predict(paths)]
+
+    update_onnx_thresholds(path, image_threshold=max(scores) + 1.0, pixel_threshold=1e6)
+    rs = OnnxInspector.load(path, threads=1).predict(paths)
+    assert {r.verdict for r in rs} == {"OK"} and all(r.mask.sum() == 0 and not r.regions for r in rs)
+
+    update_onnx_thresholds(path, image_threshold=min(scores) - 1e-3)  # pixel threshold kept
+    d = read_onnx_meta(path)
+    assert d["thresholds"]["pixel_threshold"] == 1e6 == d["calibration"]["pixel_threshold"]
+    assert d["calibration"]["image_threshold"] == pytest.approx(min(scores) - 1e-3)
+    assert {r.verdict for r in OnnxInspector.load(path, threads=1).predict(paths)} == {"NG"}
+    assert onnx.load(str(path)).graph.SerializeToString() == graph_before
+    with pytest.raises(ValueError):
+        update_onnx_thresholds(path)
+
+
+def test_standardized_model_exports_its_stats(trained: dict) -> None:
+    path = _variant(trained, "std", map={"standardize": True})
+    insp = Inspector.load(path)
+    cal, stats = calibrate(insp, sorted((trained["root"] / "data" / "train" / "good").glob("*.png"))[:12])
+    update_calibration(path, cal, stats)
+    out = trained["root"] / "std.onnx"
+    rep = export_onnx(path, out, check=True, threads=1)
+    assert rep.max_rel_diff is not None and rep.max_rel_diff <= PARITY_RTOL_STANDARDIZED
+    assert read_onnx_meta(out)["export"]["standardized"] is True
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    mean = stats["map_mean"].numpy().reshape(1, 64, 64)
+    assert any(a.shape == mean.shape and np.array_equal(a, mean) for a in inits.values())
+    ref = Inspector.load(path)
+    assert "map_mean" in ref.stats
+    got = OnnxInspector.load(out, threads=1).predict(trained["images"])
+    _assert_parity(got, ref.predict(trained["images"]), PARITY_RTOL_STANDARDIZED)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("topk", {"postprocess": {"score": "topk_mean", "topk": 0.02, "border": 2}}),
+     ("elbo_tile", {"postprocess": {"score": "elbo"}, "preprocess": {"resize": "tile"}})],
+)  # fmt: skip
+def test_score_variants_and_tiles(trained: dict, name: str, overrides: dict) -> None:
+    path = _variant(trained, name, **overrides)
+    out = trained["root"] / f"{name}.onnx"
+    export_onnx(path, out, threads=1)
+    ref, oi = Inspector.load(path), OnnxInspector.load(out, threads=1)
+    paths = trained["images"][:6]
+    want = ref.predict(paths)
+    x = np.stack([oi.load_input(p)[0] for p in paths])
+    graph_scores = oi.session.run(["score"], {"images": x})[0]
+    np.testing.assert_allclose(graph_scores, [r.score for r in want], rtol=1e-4)
+    big = trained["root"] / "big.png"  # 100 x 90: several overlapping tiles in tile mode
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(paths[-1]), cv2.IMREAD_GRAYSCALE), (90, 100)))
+    _assert_parity(oi.predict([*paths, big]), ref.predict([*paths, big]))
+
+
+def test_mc_sampling_refused_unless_allowed(trained: dict) -> None:
+    path = _variant(trained, "mc", map={"mc_samples": 2})
+    out = trained["root"] / "mc.onnx"
+    with pytest.raises(UnsupportedModelError, match="mc_samples"):
+        export_onnx(path, out)
+    r = CliRunner().invoke(app, ["export", "--model", str(path), "--out", str(out)])
+    assert r.exit_code == 2 and not out.exists()
+    rep = export_onnx(path, out, allow_mc=True)
+    assert rep.notes and read_onnx_meta(out)["config"]["map"]["mc_samples"] == 0
+
+
+def test_bad_inputs_are_usage_errors(trained: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["export", "--model", str(trained["model"]), "--format", "tflite", "--out", "x"])
+    assert r.exit_code == 2
+    with pytest.raises(ModelFileError):
+        OnnxInspector.load(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelFileError):
+        OnnxInspector.load(junk)
+    plain = onnx.load(str(trained["onnx"]))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelFileError, match="no imganom metadata"):
+        OnnxInspector.load(tmp_path / "plain.onnx")
+    with pytest.raises(ModelFileError):
+        read_onnx_meta(tmp_path / "plain.onnx")
+    info = json.loads(json.dumps(read_onnx_meta(trained["onnx"])))  # every value is plain JSON
+    assert info["format"] == {"format": "imganom-onnx", "version": 1}
