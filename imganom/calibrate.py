@@ -60,7 +60,7 @@ def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16)
     h, w = insp.cfg.preprocess.size
     n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
     saved = insp.cfg.map.standardize
-    insp.cfg.map.standardize = False
+    insp.cfg.map.standardize = "off"
     sigma = insp.cfg.postprocess.sigma
     insp.cfg.postprocess.sigma = 0.0
     try:
@@ -112,7 +112,7 @@ def calibrate(
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
-    if insp.cfg.map.standardize and insp.cfg.preprocess.resize != "tile":
+    if insp.cfg.map.standardize != "off" and insp.cfg.preprocess.resize != "tile":
         stats = map_statistics(insp, paths, batch_size)
         insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
     scores, pix = normal_scores(insp, paths, batch_size)

@@ -176,18 +176,24 @@ def _load_inspector(
     threshold_source: str = "normal",
     roi: Path | None = None,
 ):
-    from .inspector import Inspector
+    """A model file (or an ``.onnx`` export, via onnxruntime) with threshold overrides and ROI; exits 2 on
+    a bad model, missing onnxruntime or a bad ROI."""
     from .modelfile import ModelFileError
 
+    kw = dict(
+        image_threshold=image_threshold, pixel_threshold=pixel_threshold, threshold_source=threshold_source
+    )
     try:
-        insp = Inspector.load(
-            model,
-            device=device,
-            precision=precision,
-            image_threshold=image_threshold,
-            pixel_threshold=pixel_threshold,
-            threshold_source=threshold_source,
-        )
+        if Path(model).suffix.lower() == ".onnx":
+            from .export import OnnxInspector
+
+            insp = OnnxInspector.load(model, **kw)
+        else:
+            from .inspector import Inspector
+
+            insp = Inspector.load(model, device=device, precision=precision, **kw)
+    except ImportError as e:
+        _fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
     except (ModelFileError, ValueError) as e:
         _fail(str(e))
     if roi is not None:

@@ -9,33 +9,10 @@ import typer
 
 def _load(model: Path, device: str, precision: str, image_threshold: float | None,
           pixel_threshold: float | None, threshold_source: str, roi: Path | None):  # fmt: skip
-    """``cli._load_inspector`` for model files; ``OnnxInspector`` for ``.onnx`` exports."""
-    from .cli import _fail, _load_inspector, console
+    """``cli._load_inspector``: model files, or ``OnnxInspector`` for ``.onnx`` exports."""
+    from .cli import _load_inspector
 
-    if model.suffix.lower() != ".onnx":
-        return _load_inspector(
-            model, device, precision, image_threshold, pixel_threshold, threshold_source, roi
-        )
-    try:
-        from .export import OnnxInspector
-        from .modelfile import ModelFileError
-
-        insp = OnnxInspector.load(model, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                                  threshold_source=threshold_source)  # fmt: skip
-    except ImportError as e:
-        _fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
-    except (ModelFileError, ValueError) as e:
-        _fail(str(e))
-    if roi is not None:
-        from .postprocess import load_roi
-
-        try:
-            insp.roi = load_roi(roi, tuple(insp.cfg.preprocess.size))
-        except ValueError as e:
-            _fail(str(e))
-    if not insp.calibrated:
-        console.print("[yellow]warning:[/yellow] model is not calibrated: no verdicts or masks")
-    return insp
+    return _load_inspector(model, device, precision, image_threshold, pixel_threshold, threshold_source, roi)
 
 
 def register(app: typer.Typer) -> None:

@@ -125,7 +125,16 @@ class MapConfig(_Strict):
     ssim_window: int = Field(11, ge=3)
     channel_reduce: Literal["mean", "max"] = "mean"
     mc_samples: int = Field(0, ge=0)  # 0 = decode the mean only
-    standardize: bool = False  # divide by per-pixel spread of normal maps (needs calibration stats)
+    # z-score each pixel by the mean/spread of normal maps at that pixel (stats from calibration):
+    # "map": the returned map (and so masks and score) is standardised; "score": only the image score is
+    # taken from the standardised map, masks/regions come from the plain map (best of both on busy
+    # textures: docs/BENCHMARKS.md); "off". true/false are accepted for "map"/"off".
+    standardize: Literal["off", "map", "score"] = "off"
+
+    @field_validator("standardize", mode="before")
+    @classmethod
+    def _bool_standardize(cls, v: Any) -> Any:
+        return {True: "map", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _some(self) -> MapConfig:

@@ -97,7 +97,9 @@ class AnomalyGraph(nn.Module):
         self.reduce_max = mcfg.channel_reduce == "max"
         self.sigma = float(post.sigma)
         stats = stats or {}
-        self.standardize = bool(mcfg.standardize and "map_mean" in stats)
+        self.zmode = mcfg.standardize if "map_mean" in stats else "off"  # as Inspector.standardize_mode
+        self.standardize = self.zmode != "off"
+        self.output_names = OUTPUT_NAMES + (("score_map",) if self.zmode == "score" else ())
         # Inspector's "fused" case (no MC, no standardisation): the ELBO's map term is the smoothed map
         self.fused = not self.standardize
         self.score_kind = post.score
@@ -177,8 +179,12 @@ class AnomalyGraph(nn.Module):
         if self.fused:  # Inspector smooths first and takes the ELBO's map term from the smoothed map
             raw = self._blur(raw)
         elbo = raw.flatten(1).mean(1) + kl_divergence(mu.float(), logvar.float()) / self.numel
-        if self.standardize:
+        if self.zmode == "map":
             raw = self._blur((raw - self.map_mean) / self.map_std)
+        elif self.zmode == "score":  # plain map for masks, standardised one for the image score
+            zmap = self._blur((raw - self.map_mean) / self.map_std)
+            raw = self._blur(raw)
+            return raw, self._score(zmap, elbo), elbo, zmap
         return raw, self._score(raw, elbo), elbo
 
 
@@ -346,8 +352,8 @@ class ExportReport:
 
 def _trace_export(graph: AnomalyGraph, example: torch.Tensor, path: Path, opset: int) -> str:
     """torch.onnx.export, TorchScript tracer first (fast, static kernels), the dynamo exporter as fallback."""
-    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
-    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
+    names = dict(input_names=[INPUT_NAME], output_names=list(graph.output_names))
+    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in graph.output_names}}
     errors = []
     for dynamo in (False, True):
         try:
@@ -406,8 +412,8 @@ def _parity(graph: AnomalyGraph, path: Path, cfg: Config, threads: int | None) -
         x = F.interpolate(torch.rand(n, c, h // 4, w // 4, generator=gen), size=(h, w), mode="bilinear")
         with torch.no_grad():
             ref = [t.numpy() for t in graph(x)]
-        got = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-        for name, a, b in zip(OUTPUT_NAMES, got, ref):
+        got = sess.run(list(graph.output_names), {INPUT_NAME: x.numpy()})
+        for name, a, b in zip(graph.output_names, got, ref):
             if a.shape != b.shape:
                 raise ExportError(f"check: {name} has shape {a.shape} for batch {n}, expected {b.shape}")
         scale = max(float(np.abs(ref[0]).max()), 1e-6)
@@ -452,7 +458,7 @@ def export_onnx(
             f"map.mc_samples={cfg.map.mc_samples} dropped: the graph decodes the posterior mean only"
         )
         cfg = cfg.model_copy(update={"map": cfg.map.model_copy(update={"mc_samples": 0})})
-    if cfg.map.standardize and "map_mean" not in stats:
+    if cfg.map.standardize != "off" and "map_mean" not in stats:
         notes.append("map.standardize is set but the model has no stats (uncalibrated): not standardised")
     graph = AnomalyGraph(model.float().cpu(), cfg, stats).eval()
     out = Path(out)
@@ -471,7 +477,7 @@ def export_onnx(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": src.name,
             "input": {INPUT_NAME: ["batch", cfg.preprocess.channels, *cfg.preprocess.size]},
-            "outputs": list(OUTPUT_NAMES),
+            "outputs": list(graph.output_names),
             "score": cfg.postprocess.score,
             "standardized": graph.standardize,
             "sigma": cfg.postprocess.sigma,
@@ -542,13 +548,7 @@ class OnnxInspector(Inspector):
         self._roi_cache: dict = {}
         self.roi = roi
         self._lock = threading.Lock()
-        cal = meta.calibration or {}
-        src = cal.get(threshold_source, {}) if threshold_source != "normal" else cal
-        if threshold_source != "normal" and not src:
-            raise ValueError(f"model has no {threshold_source!r} thresholds (calibrate with --labeled first)")
-        self.image_threshold = image_threshold if image_threshold is not None else src.get("image_threshold")
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else src.get("pixel_threshold")
-        self.score_scale = float(cal.get("score_scale") or 0.0) or None
+        self._set_thresholds(meta, image_threshold, pixel_threshold, threshold_source)
         self.session, self.path, self.export_info = session, path, export_info or {}
         self._baked = self._map_settings()
         self._check_io()
@@ -587,16 +587,26 @@ class OnnxInspector(Inspector):
         d = _parse_props(dict(sess.get_modelmeta().custom_metadata_map), p)
         return cls(sess, _meta_from_props(d, p), path=p, export_info=d.get("export"), **kw)
 
+    @property
+    def standardize_mode(self) -> str:
+        """"score" when the graph has a ``score_map`` output; a "map" graph standardises its map itself."""
+        return "score" if "score_map" in {o.name for o in self.session.get_outputs()} else "off"
+
     @torch.no_grad()
-    def model_maps(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views (N, C, h, w) -> smoothed maps (N, h, w) and ELBO (N,) from onnxruntime (float32, CPU)."""
+    def model_maps_scored(
+        self, views: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Views (N, C, h, w) -> smoothed maps (N, h, w), ELBO (N,) and score maps (or None) from
+        onnxruntime (float32, CPU)."""
         if self._map_settings() != self._baked:
             raise RuntimeError(
                 "map settings are baked into the ONNX graph; use the torch model to change them"
             )
         x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
-        amap, elbo = self.session.run(["anomaly_map", "elbo"], {INPUT_NAME: x})
-        return torch.from_numpy(amap), torch.from_numpy(elbo)
+        scored = self.standardize_mode == "score"
+        out = self.session.run(["anomaly_map", "elbo"] + (["score_map"] if scored else []), {INPUT_NAME: x})
+        smaps = torch.from_numpy(out[2]) if scored else None
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1]), smaps
 
 
 def load_inspector(path: str | Path, **kw: Any) -> Inspector:

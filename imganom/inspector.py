@@ -191,12 +191,18 @@ class Inspector:
         self.stats = {k: v.to(self.device) for k, v in (stats or {}).items()}
         self.roi = roi
         self._lock = threading.Lock()
+        self._set_thresholds(meta, image_threshold, pixel_threshold, threshold_source)
+
+    def _set_thresholds(
+        self, meta: ModelMeta, image: float | None, pixel: float | None, source: str
+    ) -> None:
+        """Calibrated thresholds from the model file (``source``: 'normal' or e.g. 'f1_max'), overridable."""
         cal = meta.calibration or {}
-        src = cal.get(threshold_source, {}) if threshold_source != "normal" else cal
-        if threshold_source != "normal" and not src:
-            raise ValueError(f"model has no {threshold_source!r} thresholds (calibrate with --labeled first)")
-        self.image_threshold = image_threshold if image_threshold is not None else src.get("image_threshold")
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else src.get("pixel_threshold")
+        src = cal.get(source, {}) if source != "normal" else cal
+        if source != "normal" and not src:
+            raise ValueError(f"model has no {source!r} thresholds (calibrate with --labeled first)")
+        self.image_threshold = image if image is not None else src.get("image_threshold")
+        self.pixel_threshold = pixel if pixel is not None else src.get("pixel_threshold")
         self.score_scale = float(cal.get("score_scale") or 0.0) or None
 
     @classmethod
@@ -243,15 +249,29 @@ class Inspector:
         return chw, meta
 
     # ---- device work -------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @property
+    def standardize_mode(self) -> str:
+        """``cfg.map.standardize`` where the model has the normal-map statistics, else "off"."""
+        return self.cfg.map.standardize if "map_mean" in self.stats else "off"
+
     def model_maps(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (N, C, h, w) on any device -> smoothed model-resolution maps (N, h, w) fp32 on the device,
         and the per-view negative ELBO (recon map mean + per-pixel KL)."""
+        maps, elbo, _ = self.model_maps_scored(views)
+        return maps, elbo
+
+    @torch.no_grad()
+    def model_maps_scored(
+        self, views: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``model_maps`` plus, with ``map.standardize == "score"``, the standardised smoothed maps the image
+        score is taken from (None otherwise)."""
         x = views.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         mcfg, sigma = self.cfg.map, self.cfg.postprocess.sigma
-        fused = not mcfg.mc_samples and not (mcfg.standardize and "map_mean" in self.stats)
+        zmode = self.standardize_mode
+        fused = not mcfg.mc_samples and zmode == "off"
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             if self._compiled is not None:
                 mu, logvar, recon = self._compiled(x)
@@ -268,17 +288,29 @@ class Inspector:
                 raw = raw + compute_anomaly_map(x, rec_k, mcfg, 0.0)
             raw = raw / (mcfg.mc_samples + 1)
         elbo = raw.flatten(1).mean(1) + kl_divergence(mu.float(), logvar.float()) / x[0].numel()
-        if mcfg.standardize and "map_mean" in self.stats:
+        smaps = None
+        if zmode == "score":
+            smaps = gaussian_blur((raw - self.stats["map_mean"]) / self.stats["map_std"], sigma)
+        elif zmode == "map":
             raw = (raw - self.stats["map_mean"]) / self.stats["map_std"]
         if not fused and sigma > 0:
             raw = gaussian_blur(raw, sigma)
-        return raw, elbo
+        return raw, elbo, smaps
 
     # ---- prediction ----------------------------------------------------------------------------------------
     def _score(self, amap: np.ndarray, elbo: float, roi: np.ndarray | None) -> float:
         if self.cfg.postprocess.score == "elbo":
             return float(elbo)
         return image_score(amap, self.cfg.postprocess, roi)
+
+    def _scores_t(self, maps: torch.Tensor, smaps: torch.Tensor | None, elbo: torch.Tensor) -> torch.Tensor:
+        """Image scores (N,) float64 on the device, from the score maps where there are any."""
+        pp = self.cfg.postprocess
+        if pp.score == "elbo":
+            return elbo
+        m = maps if smaps is None else smaps
+        _, roi_t, n_roi = self._roi_device(tuple(m.shape[-2:]))
+        return image_scores_t(m, pp, roi_t, n_roi)
 
     def _roi_for(self, shape: tuple[int, int]) -> np.ndarray | None:
         roi = self.roi
@@ -300,12 +332,14 @@ class Inspector:
         elbo: float,
         timing: dict[str, float],
         keep_image: bool = False,
+        score: float | None = None,
     ) -> Result:
-        """Original-size map (tensor) -> score, verdict, mask and regions."""
+        """Original-size map (tensor) -> score (unless given), verdict, mask and regions."""
         t0 = time.perf_counter()
         amap = amap_t.cpu().numpy().astype(np.float32, copy=False)
         roi = self._roi_for(amap.shape)
-        score = self._score(amap, elbo, roi)
+        if score is None:
+            score = self._score(amap, elbo, roi)
         thr_i, thr_p = self.image_threshold, self.pixel_threshold
         if thr_p is not None:
             mask, regions = postprocess(amap, thr_p, self.cfg.postprocess, roi)
@@ -363,27 +397,39 @@ class Inspector:
 
     def _chunk_groups(
         self, batch: _Batch, x: torch.Tensor, idx: list[int]
-    ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Device maps for images ``idx`` at original size, grouped by shape: [(positions, maps, elbo)]."""
+    ) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Device maps for images ``idx`` at original size, grouped by shape:
+        [(positions, maps, elbo, score maps or None)]."""
         s, e = batch.offsets[idx[0]], batch.offsets[idx[-1] + 1]
-        maps, elbo = self.model_maps(x[s:e])
+        maps, elbo, smaps = self.model_maps_scored(x[s:e])
         geoms = [batch.geoms[i] for i in idx]
         g0 = geoms[0]
         if all(g.mode == "stretch" and g.original == g0.original for g in geoms):  # one view each: batched
             h, w = g0.original
-            maps = maps.float()
-            if tuple(maps.shape[-2:]) != (h, w):
-                maps = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-            return [(list(range(len(idx))), maps, elbo.double())]
+
+            def up(m: torch.Tensor) -> torch.Tensor:
+                m = m.float()
+                if tuple(m.shape[-2:]) == (h, w):
+                    return m
+                return F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+            return [(list(range(len(idx))), up(maps), elbo.double(), None if smaps is None else up(smaps))]
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        amaps, elbos = [], []
+        amaps, elbos, smaps_o = [], [], []
         for p, i in enumerate(idx):
             a, b = batch.offsets[i] - s, batch.offsets[i + 1] - s
             amaps.append(to_original(maps[a:b], batch.geoms[i]))
             elbos.append(elbo[a:b].mean())
+            if smaps is not None:
+                smaps_o.append(to_original(smaps[a:b], batch.geoms[i]))
             by_shape[tuple(amaps[-1].shape)].append(p)
         return [
-            (ps, torch.stack([amaps[p] for p in ps]), torch.stack([elbos[p] for p in ps]).double())
+            (
+                ps,
+                torch.stack([amaps[p] for p in ps]),
+                torch.stack([elbos[p] for p in ps]).double(),
+                torch.stack([smaps_o[p] for p in ps]) if smaps is not None else None,
+            )
             for ps in by_shape.values()
         ]
 
@@ -392,20 +438,21 @@ class Inspector:
         pp, thr_p = self.cfg.postprocess, self.pixel_threshold
         post = self.device_postprocess or self.maps != "all"
         out: list[tuple] = [None] * len(idx)
-        for ps, maps, elbo in self._chunk_groups(batch, x, idx):
+        for ps, maps, elbo, smaps in self._chunk_groups(batch, x, idx):
             masks = None
             if post:
-                _, roi_t, n_roi = self._roi_device(tuple(maps.shape[-2:]))
-                score = elbo if pp.score == "elbo" else image_scores_t(maps, pp, roi_t, n_roi)
+                _, roi_t, _ = self._roi_device(tuple(maps.shape[-2:]))
+                score = self._scores_t(maps, smaps, elbo)
                 finite = torch.isfinite(maps).flatten(1).all(1).double()
                 if thr_p is not None:
                     masks = binarize_t(maps, thr_p, pp, roi_t)
                     nonempty = masks.flatten(1).amax(1).double()
                 else:
                     nonempty = torch.zeros_like(elbo)
-            else:
-                score, finite = torch.full_like(elbo, float("nan")), torch.ones_like(elbo)
-                nonempty = torch.zeros_like(elbo)
+            else:  # host post-processing; only a score from standardised maps is taken here
+                nan = torch.full_like(elbo, float("nan"))
+                score = nan if smaps is None else self._scores_t(maps, smaps, elbo)
+                finite, nonempty = torch.ones_like(elbo), torch.zeros_like(elbo)
             stats = torch.stack([score, finite, elbo, nonempty], 1)
             for row, p in enumerate(ps):
                 out[p] = (maps, masks, stats, row)
@@ -447,8 +494,12 @@ class Inspector:
         timings = [{"decode": d, "infer": infer_ms} for d in batch.decode_ms]
         if not (self.device_postprocess or self.maps != "all"):  # host post-processing, as on the CPU
             host = batch.host.wait()
+            given = self.standardize_mode == "score"  # score already taken from the standardised maps
             return [
-                self.finish(i, chw, m, torch.from_numpy(host[b][r]), float(st[j, 2]), timings[j], keep_image)
+                self.finish(
+                    i, chw, m, torch.from_numpy(host[b][r]), float(st[j, 2]), timings[j], keep_image,
+                    score=float(st[j, 0]) if given else None,
+                )  # fmt: skip
                 for j, ((i, chw, m), (b, _, _, r)) in enumerate(zip(batch.items, batch.refs))
             ]
         pp, thr_i, thr_p = self.cfg.postprocess, self.image_threshold, self.pixel_threshold

@@ -147,3 +147,11 @@ def test_overrides_merge_deeply(tmp_path: Path) -> None:
     assert (cfg.name, cfg.train.epochs, cfg.train.seed) == ("mine", 7, 9)
     with pytest.raises(ConfigError, match="train.seeed"):
         load_config(p, {"train": {"seeed": 9}})
+
+
+def test_standardize_modes_and_legacy_booleans() -> None:
+    assert load_config(None, {"map": {"standardize": True}}).map.standardize == "map"
+    assert load_config(None, {"map": {"standardize": False}}).map.standardize == "off"
+    assert load_config(None, {"map": {"standardize": "score"}}).map.standardize == "score"
+    with pytest.raises(ConfigError, match="map.standardize"):
+        load_config(None, {"map": {"standardize": "sometimes"}})

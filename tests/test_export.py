@@ -244,3 +244,21 @@ def test_bad_inputs_are_usage_errors(trained: dict, tmp_path: Path) -> None:
         read_onnx_meta(tmp_path / "plain.onnx")
     info = json.loads(json.dumps(read_onnx_meta(trained["onnx"])))  # every value is plain JSON
     assert info["format"] == {"format": "imganom-onnx", "version": 1}
+
+
+def test_score_side_standardisation_exports_and_matches(trained: dict) -> None:
+    """map.standardize="score": plain map for masks, standardised map for the score, in torch and ONNX."""
+    path = _variant(trained, "zscore", map={"standardize": "score"})
+    insp = Inspector.load(path)
+    cal, stats = calibrate(insp, sorted((trained["root"] / "data" / "train" / "good").glob("*.png"))[:12])
+    update_calibration(path, cal, stats)
+    ref = Inspector.load(path)
+    assert ref.standardize_mode == "score"
+    out = trained["root"] / "zscore.onnx"
+    rep = export_onnx(path, out, check=True, threads=1)
+    assert rep.max_rel_diff is not None and rep.max_rel_diff <= PARITY_RTOL_STANDARDIZED
+    m = onnx.load(str(out))
+    assert [o.name for o in m.graph.output] == ["anomaly_map", "score", "elbo", "score_map"]
+    onnx_insp = OnnxInspector.load(out, threads=1)
+    assert onnx_insp.standardize_mode == "score"
+    _assert_parity(onnx_insp.predict(trained["images"]), ref.predict(trained["images"]), PARITY_RTOL)

@@ -310,3 +310,27 @@ def test_calibrate_cli_updates_the_model_file(tiny_model: Path, synth_root: Path
     assert cal["image_threshold"] != before.calibration["image_threshold"]
     assert after.model_id == before.model_id  # weights untouched
     assert Inspector.load(model, device="cpu").image_threshold == cal["image_threshold"]
+
+
+def test_score_side_standardisation(tiny_model: Path, layout, tmp_path: Path) -> None:
+    """standardize="score" keeps the plain map and masks of "off" and takes the score of "map"."""
+    from imganom.calibrate import map_statistics
+    from imganom.modelfile import load_model, save_model
+
+    model, meta, _ = load_model(tiny_model)
+    normals = [it.path for it in layout.test if it.label == 0]
+    stats = map_statistics(Inspector.load(tiny_model), normals)
+    imgs = [it.path for it in layout.test][:8]
+    got = {}
+    for mode in ("off", "map", "score"):
+        cfg = meta.cfg.model_copy(update={"map": meta.cfg.map.model_copy(update={"standardize": mode})})
+        p = tmp_path / f"{mode}.safetensors"
+        save_model(p, model, cfg, training=meta.training, calibration=meta.calibration, stats=stats)
+        insp = Inspector.load(p)
+        assert insp.standardize_mode == mode
+        got[mode] = insp.predict(imgs)
+    for off, std, sc in zip(got["off"], got["map"], got["score"]):
+        np.testing.assert_allclose(sc.anomaly_map, off.anomaly_map, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(sc.mask, off.mask)
+        assert sc.score == pytest.approx(std.score, rel=1e-5)
+    assert any(abs(o.score - s.score) > 1e-3 * abs(o.score) for o, s in zip(got["off"], got["score"]))

@@ -6,7 +6,7 @@ map mix, normalisation (none / per-pixel z-score from the normal split / per-ima
 sigma, border margin, image score (max / top-k mean). Ground-truth masks are area-resampled to model
 resolution (> 0.5), so the pixel numbers rank variants; confirm the winner with ``imganom evaluate``.
 
-Example: ``python tools/ablate_maps.py --model runs/mt/model.safetensors --data ../shared/datasets/magnetic_tile``
+Example: ``python tools/ablate_maps.py --model runs/mt/model.safetensors --data DATA/magnetic_tile``
 Prints one table (best AUPRO first) and writes ``--out`` JSON.
 """
 
@@ -66,16 +66,31 @@ def gt_masks(items, size: tuple[int, int]) -> list[np.ndarray | None]:
     return out
 
 
-def variant_maps(l1, ss, wl1, wss, norm, sigma, stats):
-    m = wl1 * l1 + wss * ss
+def _blur(m: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_blur(torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)), sigma).numpy()
+
+
+def _normalise(t: np.ndarray, v: np.ndarray, norm: str) -> np.ndarray:
+    """Normalise smoothed test maps ``t`` by smoothed normal maps ``v``: per pixel, globally, per image."""
     if norm == "pixel":
-        mean, std = stats[(wl1, wss)]
-        m = (m - mean) / std
-    elif norm == "image":
-        med = np.median(m, axis=(1, 2), keepdims=True)
-        mad = np.median(np.abs(m - med), axis=(1, 2), keepdims=True)
-        m = (m - med) / (1.4826 * mad + 1e-6)
-    return gaussian_blur(torch.from_numpy(np.ascontiguousarray(m)), sigma).numpy()
+        std = v.std(0)
+        return (t - v.mean(0)) / (std + 0.1 * std.mean() + 1e-6)
+    if norm == "global":
+        return (t - v.mean()) / (v.std() + 1e-6)
+    if norm == "image":
+        med = np.median(t, axis=(1, 2), keepdims=True)
+        mad = np.median(np.abs(t - med), axis=(1, 2), keepdims=True)
+        return (t - med) / (1.4826 * mad + 1e-6)
+    return t
+
+
+def variant_maps(val: np.ndarray, test: np.ndarray, norm: str, sigma: str) -> np.ndarray:
+    """``sigma`` '2' = one scale; '1+8' = max over scales of the normalised maps (global z if norm=none)."""
+    scales = [float(x) for x in sigma.split("+")]
+    if len(scales) == 1:
+        return _normalise(_blur(test, scales[0]), _blur(val, scales[0]), norm)
+    n = "global" if norm == "none" else norm
+    return np.max([_normalise(_blur(test, s), _blur(val, s), n) for s in scales], axis=0)
 
 
 def score_images(maps: np.ndarray, kind: str, border: int) -> np.ndarray:
@@ -108,6 +123,8 @@ def main() -> None:
     ap.add_argument("--project", default=None, help="steps,alpha,lam: project inputs first")
     ap.add_argument("--mixes", default="1:0,0:1,0.5:0.5")
     ap.add_argument("--norms", default="none,pixel,image")
+    ap.add_argument("--cache", default=None, help="npz of the raw components (written, or read if present)")
+    ap.add_argument("--per-type", type=int, default=3, help="per-type metrics for the best N rows")
     args = ap.parse_args()
     torch.manual_seed(0)
     insp = Inspector.load(args.model, device="cpu", precision="fp32")
@@ -120,19 +137,22 @@ def main() -> None:
     if args.project:
         st, al, la = args.project.split(",")
         proj = (int(st), float(al), float(la))
-    vl1, vss = components(insp, val, proj=proj)
-    tl1, tss = components(insp, [it.path for it in items], proj=proj)
+    if args.cache and Path(args.cache).is_file():
+        z = np.load(args.cache)
+        vl1, vss, tl1, tss = z["vl1"], z["vss"], z["tl1"], z["tss"]
+    else:
+        vl1, vss = components(insp, val, proj=proj)
+        tl1, tss = components(insp, [it.path for it in items], proj=proj)
+        if args.cache:
+            np.savez(args.cache, vl1=vl1, vss=vss, tl1=tl1, tss=tss)
+    types = np.array([it.defect_type for it in items])
     labels = np.array([0 if it.defect_type == "good" else 1 for it in items])
     masks = gt_masks(items, cfg.preprocess.size)
     mixes = [tuple(float(v) for v in m.split(":")) for m in args.mixes.split(",")]
-    stats = {}
-    for w in mixes:
-        v = w[0] * vl1 + w[1] * vss
-        stats[w] = (v.mean(0), v.std(0) + 0.1 * v.std(0).mean() + 1e-6)
     rows = []
-    sigmas = [float(s) for s in args.sigmas.split(",")]
+    sigmas = args.sigmas.split(",")
     for (wl1, wss), norm, sigma in itertools.product(mixes, args.norms.split(","), sigmas):
-        maps = variant_maps(tl1, tss, wl1, wss, norm, sigma, stats)
+        maps = variant_maps(wl1 * vl1 + wss * vss, wl1 * tl1 + wss * tss, norm, sigma)
         for border in (0, 4):
             pix = pixel_metrics(maps, masks, border)
             for kind in ("max", "topk"):
@@ -145,12 +165,26 @@ def main() -> None:
                     }
                 )
     rows.sort(key=lambda r: -(r["image_auroc"] + r["pixel_auroc"] + r["aupro"]))
-    print(f"{'l1':>4} {'ssim':>4} {'norm':>6} {'sig':>4} {'bd':>3} {'score':>5} {'imgAUC':>7} {'pixAUC':>7} {'AUPRO':>6}")
+    head = ("l1", 4), ("ssim", 4), ("norm", 6), ("sig", 4), ("bd", 3), ("score", 5), ("imgAUC", 7)
+    print(" ".join(f"{h:>{w}}" for h, w in head), f"{'pixAUC':>7} {'AUPRO':>6}")
     for r in rows:
         print(
-            f"{r['l1']:4.1f} {r['ssim']:4.1f} {r['norm']:>6} {r['sigma']:4.1f} {r['border']:3d} {r['score']:>5} "
+            f"{r['l1']:4.1f} {r['ssim']:4.1f} {r['norm']:>6} {r['sigma']:>4} {r['border']:3d} "
+            f"{r['score']:>5} "
             f"{r['image_auroc']:7.3f} {r['pixel_auroc']:7.3f} {r['aupro']:6.3f}"
         )
+    for r in rows[: args.per_type]:
+        wl1, wss = r["l1"], r["ssim"]
+        maps = variant_maps(wl1 * vl1 + wss * vss, wl1 * tl1 + wss * tss, r["norm"], r["sigma"])
+        sc = score_images(maps, r["score"], r["border"])
+        line = []
+        for t in sorted(set(types) - {"good"}):
+            sel = (types == t) | (types == "good")
+            pix = pixel_metrics(maps[sel], [m for m, k in zip(masks, sel) if k], r["border"])
+            auc = roc_auc_score(labels[sel], sc[sel])
+            line.append(f"{t}: img {auc:.3f} pix {pix['auroc']:.3f} pro {pix['aupro_0.3']:.3f}")
+        tag = f"{wl1}:{wss} {r['norm']} s{r['sigma']} b{r['border']} {r['score']}"
+        print(f"  {tag} | " + "; ".join(line))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
