@@ -85,3 +85,16 @@ def pixel_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig) -> torch.Ten
 def anomaly_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigma: float) -> torch.Tensor:
     """Smoothed anomaly map (B, H, W) float32: the reference for the fused kernel path."""
     return gaussian_blur(pixel_map(x, recon, cfg), sigma)
+
+
+def multiscale_map(
+    raw: torch.Tensor, sigmas: list[float], mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """Max over ``sigmas`` of ``(blur(raw, s) - mean[k]) / std[k]``: raw (B, H, W) -> (B, H, W) float32.
+
+    ``mean``/``std`` (len(sigmas),) are each scale's normal-map statistics (``calibrate.map_statistics``)."""
+    out = None
+    for k, s in enumerate(sigmas):
+        z = (gaussian_blur(raw, s) - mean[k]) / std[k]
+        out = z if out is None else torch.maximum(out, z)
+    return out

@@ -3,7 +3,8 @@
 Image threshold: an order-statistic upper confidence bound on the (1 - target_fpr) quantile of normal image
 scores (``thresholds.quantile_upper_bound``), so a small calibration set errs towards fewer false rejects.
 Pixel threshold: a high quantile of pooled normal pixel scores (bounded-memory reservoir sample).
-With ``map.standardize`` a first pass measures each pixel's mean and spread of the raw normal map.
+With ``map.standardize`` / ``map.scales`` a first pass measures each pixel's mean and spread of the raw
+normal map / each smoothing scale's mean and spread (not for tiled models: their views have no fixed place).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .anomaly_map import gaussian_blur
 from .config import CalibrationConfig
 from .inspector import Inspector
 from .io import ImageReadError, read_image
@@ -56,28 +58,40 @@ def _chunks(it, n: int):
 
 @torch.no_grad()
 def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Per-pixel mean and std of raw (unsmoothed) normal maps at model resolution (Welford over views)."""
+    """Normal-map statistics at model resolution: per-pixel mean and std of raw (unsmoothed) maps (Welford
+    over views; for ``map.standardize``) and, for ``map.scales``, each smoothing scale's mean and std."""
     h, w = insp.cfg.preprocess.size
     n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
-    saved = insp.cfg.map.standardize
-    insp.cfg.map.standardize = "off"
-    sigma = insp.cfg.postprocess.sigma
-    insp.cfg.postprocess.sigma = 0.0
+    mcfg, pp = insp.cfg.map, insp.cfg.postprocess
+    sigmas = [float(pp.sigma), *mcfg.scales] if mcfg.scales else []
+    s1 = torch.zeros(len(sigmas), dtype=torch.float64)
+    s2 = torch.zeros(len(sigmas), dtype=torch.float64)
+    saved = mcfg.standardize, mcfg.scales, pp.sigma
+    mcfg.standardize, mcfg.scales, pp.sigma = "off", [], 0.0
     try:
         for chunk in _chunks(_decoded(insp, paths), batch_size):
             views = np.concatenate([prepare(chw, insp.cfg.preprocess)[0] for _, chw, _ in chunk])
             maps, _ = insp.model_maps(torch.from_numpy(views))
+            for k, sg in enumerate(sigmas):
+                b = gaussian_blur(maps, sg).double()
+                s1[k] += float(b.sum())
+                s2[k] += float((b * b).sum())
             for m in maps.double().cpu():
                 n += 1
                 d = m - mean
                 mean += d / n
                 m2 += d * (m - mean)
     finally:
-        insp.cfg.map.standardize = saved
-        insp.cfg.postprocess.sigma = sigma
+        mcfg.standardize, mcfg.scales, pp.sigma = saved
     std = (m2 / max(n - 1, 1)).sqrt()
     floor = float(std.mean()) * 0.1 + 1e-6  # avoid dividing by ~0 where normals never vary
-    return {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
+    out = {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
+    if sigmas:
+        cnt = max(n * h * w, 1)
+        smean = s1 / cnt
+        sstd = (s2 / cnt - smean * smean).clamp_min(0).sqrt().clamp_min(1e-6)
+        out.update({"scale_mean": smean.float(), "scale_std": sstd.float()})
+    return out
 
 
 def normal_scores(
@@ -112,7 +126,10 @@ def calibrate(
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
-    if insp.cfg.map.standardize != "off" and insp.cfg.preprocess.resize != "tile":
+    wants = insp.cfg.map.standardize != "off" or bool(insp.cfg.map.scales)
+    if wants and insp.cfg.preprocess.resize == "tile":
+        log.warning("calibration: map.standardize/map.scales are not used with resize=tile")
+    elif wants:
         stats = map_statistics(insp, paths, batch_size)
         insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
     scores, pix = normal_scores(insp, paths, batch_size)

@@ -131,10 +131,22 @@ class MapConfig(_Strict):
     # textures: docs/BENCHMARKS.md); "off". true/false are accepted for "map"/"off".
     standardize: Literal["off", "map", "score"] = "off"
 
+    # extra smoothing scales (model pixels): the map becomes the max over postprocess.sigma and these of
+    # each smoothed map z-scored by its normal mean/std (calibration), so a faint large defect (visible at
+    # a coarse scale) and a sharp small one (fine scale) both stand out. [] = one scale.
+    scales: list[float] = Field(default_factory=list, max_length=4)
+
     @field_validator("standardize", mode="before")
     @classmethod
     def _bool_standardize(cls, v: Any) -> Any:
         return {True: "map", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if any(not s > 0 for s in v):
+            raise ValueError(f"scales must be > 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _some(self) -> MapConfig:
@@ -142,6 +154,8 @@ class MapConfig(_Strict):
             raise ValueError("at least one of l1, l2, ssim must be > 0")
         if self.ssim_window % 2 == 0:
             raise ValueError(f"ssim_window must be odd, got {self.ssim_window}")
+        if self.scales and self.standardize == "map":
+            raise ValueError('scales combine with standardize "off" or "score", not "map"')
         return self
 
 

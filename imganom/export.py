@@ -123,6 +123,20 @@ class AnomalyGraph(nn.Module):
         if self.standardize:
             self.register_buffer("map_mean", stats["map_mean"].float().reshape(1, self.h, self.w).clone())
             self.register_buffer("map_std", stats["map_std"].float().reshape(1, self.h, self.w).clone())
+        # multi-scale maps (as Inspector.scale_sigmas): one blur per scale, then the max of the z-scores
+        self.scales = [self.sigma, *mcfg.scales] if mcfg.scales and "scale_mean" in stats else []
+        self.fused = self.fused and not self.scales
+        self.scale_pads: list[tuple[int, str]] = []
+        for k, sg in enumerate(self.scales):
+            taps = gaussian_kernel1d(sg)
+            rb = taps.numel() // 2
+            self.scale_pads.append((rb, "reflect" if min(self.h, self.w) > rb else "replicate"))
+            sh, sv = _kernel_pair(taps, 1)
+            self.register_buffer(f"scale_kh{k}", sh)
+            self.register_buffer(f"scale_kv{k}", sv)
+        if self.scales:
+            self.register_buffer("scale_mean", stats["scale_mean"].float().clone())
+            self.register_buffer("scale_std", stats["scale_std"].float().clone())
 
     @staticmethod
     def _sep_conv(x: torch.Tensor, kh: torch.Tensor, kv: torch.Tensor, r: int, mode: str) -> torch.Tensor:
@@ -162,6 +176,16 @@ class AnomalyGraph(nn.Module):
         out = self._sep_conv(m.unsqueeze(1), self.blur_kh, self.blur_kv, self.blur_pad, self.blur_mode)
         return out.squeeze(1)
 
+    def _multiscale(self, raw: torch.Tensor) -> torch.Tensor:
+        """``anomaly_map.multiscale_map`` with precomputed kernels."""
+        out = None
+        for k, (pad, mode) in enumerate(self.scale_pads):
+            kh, kv = getattr(self, f"scale_kh{k}"), getattr(self, f"scale_kv{k}")
+            b = self._sep_conv(raw.unsqueeze(1), kh, kv, pad, mode).squeeze(1)
+            z = (b - self.scale_mean[k]) / self.scale_std[k]
+            out = z if out is None else torch.maximum(out, z)
+        return out
+
     def _score(self, amap: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:
         if self.score_kind == "elbo":
             return elbo
@@ -183,8 +207,10 @@ class AnomalyGraph(nn.Module):
             raw = self._blur((raw - self.map_mean) / self.map_std)
         elif self.zmode == "score":  # plain map for masks, standardised one for the image score
             zmap = self._blur((raw - self.map_mean) / self.map_std)
-            raw = self._blur(raw)
+            raw = self._multiscale(raw) if self.scales else self._blur(raw)
             return raw, self._score(zmap, elbo), elbo, zmap
+        elif self.scales:
+            raw = self._multiscale(raw)
         return raw, self._score(raw, elbo), elbo
 
 
@@ -460,6 +486,8 @@ def export_onnx(
         cfg = cfg.model_copy(update={"map": cfg.map.model_copy(update={"mc_samples": 0})})
     if cfg.map.standardize != "off" and "map_mean" not in stats:
         notes.append("map.standardize is set but the model has no stats (uncalibrated): not standardised")
+    if cfg.map.scales and "scale_mean" not in stats:
+        notes.append("map.scales is set but the model has no scale stats (uncalibrated): single scale")
     graph = AnomalyGraph(model.float().cpu(), cfg, stats).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -480,6 +508,7 @@ def export_onnx(
             "outputs": list(graph.output_names),
             "score": cfg.postprocess.score,
             "standardized": graph.standardize,
+            "scales": graph.scales,
             "sigma": cfg.postprocess.sigma,
             "notes": notes,
         }
@@ -495,7 +524,7 @@ def export_onnx(
         diff = None
         if check:
             diff = _parity(graph, tmp, cfg, threads)
-            tol = PARITY_RTOL_STANDARDIZED if graph.standardize else PARITY_RTOL
+            tol = PARITY_RTOL_STANDARDIZED if graph.standardize or graph.scales else PARITY_RTOL
             if not diff <= tol:
                 raise ExportError(
                     f"check failed: onnxruntime differs from torch by {diff:.3g} of the map max "

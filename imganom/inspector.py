@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .anomaly_map import gaussian_blur
+from .anomaly_map import gaussian_blur, multiscale_map
 from .config import Config
 from .gpu import (
     AdaptiveBatch,
@@ -254,6 +254,13 @@ class Inspector:
         """``cfg.map.standardize`` where the model has the normal-map statistics, else "off"."""
         return self.cfg.map.standardize if "map_mean" in self.stats else "off"
 
+    @property
+    def scale_sigmas(self) -> list[float]:
+        """Smoothing scales of the multi-scale map ([] = single scale, also while uncalibrated)."""
+        if not self.cfg.map.scales or "scale_mean" not in self.stats:
+            return []
+        return [float(self.cfg.postprocess.sigma), *self.cfg.map.scales]
+
     def model_maps(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (N, C, h, w) on any device -> smoothed model-resolution maps (N, h, w) fp32 on the device,
         and the per-view negative ELBO (recon map mean + per-pixel KL)."""
@@ -271,7 +278,8 @@ class Inspector:
             x = x.contiguous(memory_format=torch.channels_last)
         mcfg, sigma = self.cfg.map, self.cfg.postprocess.sigma
         zmode = self.standardize_mode
-        fused = not mcfg.mc_samples and zmode == "off"
+        scales = self.scale_sigmas
+        fused = not mcfg.mc_samples and zmode == "off" and not scales
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             if self._compiled is not None:
                 mu, logvar, recon = self._compiled(x)
@@ -293,7 +301,9 @@ class Inspector:
             smaps = gaussian_blur((raw - self.stats["map_mean"]) / self.stats["map_std"], sigma)
         elif zmode == "map":
             raw = (raw - self.stats["map_mean"]) / self.stats["map_std"]
-        if not fused and sigma > 0:
+        if scales:
+            raw = multiscale_map(raw, scales, self.stats["scale_mean"], self.stats["scale_std"])
+        elif not fused and sigma > 0:
             raw = gaussian_blur(raw, sigma)
         return raw, elbo, smaps
 

@@ -262,3 +262,19 @@ def test_score_side_standardisation_exports_and_matches(trained: dict) -> None:
     onnx_insp = OnnxInspector.load(out, threads=1)
     assert onnx_insp.standardize_mode == "score"
     _assert_parity(onnx_insp.predict(trained["images"]), ref.predict(trained["images"]), PARITY_RTOL)
+
+
+def test_multiscale_map_exports_and_matches(trained: dict) -> None:
+    path = _variant(trained, "ms", map={"scales": [4.0], "standardize": "score"})
+    insp = Inspector.load(path)
+    cal, stats = calibrate(insp, sorted((trained["root"] / "data" / "train" / "good").glob("*.png"))[:12])
+    assert stats["scale_mean"].shape == (2,) and bool((stats["scale_std"] > 0).all())
+    update_calibration(path, cal, stats)
+    ref = Inspector.load(path)
+    assert ref.scale_sigmas == [ref.cfg.postprocess.sigma, 4.0]
+    out = trained["root"] / "ms.onnx"
+    rep = export_onnx(path, out, check=True, threads=1)
+    assert rep.max_rel_diff is not None and rep.max_rel_diff <= PARITY_RTOL_STANDARDIZED
+    assert read_onnx_meta(out)["export"]["scales"] == [ref.cfg.postprocess.sigma, 4.0]
+    got = OnnxInspector.load(out, threads=1).predict(trained["images"])
+    _assert_parity(got, ref.predict(trained["images"]), PARITY_RTOL_STANDARDIZED)

@@ -334,3 +334,51 @@ def test_score_side_standardisation(tiny_model: Path, layout, tmp_path: Path) ->
         np.testing.assert_array_equal(sc.mask, off.mask)
         assert sc.score == pytest.approx(std.score, rel=1e-5)
     assert any(abs(o.score - s.score) > 1e-3 * abs(o.score) for o, s in zip(got["off"], got["score"]))
+
+
+def _raw_maps(insp: Inspector, paths: list) -> torch.Tensor:
+    """Unsmoothed single-scale maps of model-sized views (the input of the multi-scale combination)."""
+    from imganom.preprocess import prepare
+
+    pp = insp.cfg.preprocess
+    x = torch.from_numpy(np.concatenate([prepare(insp.load_input(q)[0], pp)[0] for q in paths]))
+    scales, sigma = insp.cfg.map.scales, insp.cfg.postprocess.sigma
+    insp.cfg.map.scales, insp.cfg.postprocess.sigma = [], 0.0
+    try:
+        return insp.model_maps(x)[0]
+    finally:
+        insp.cfg.map.scales, insp.cfg.postprocess.sigma = scales, sigma
+
+
+def test_multiscale_map_is_max_of_per_scale_z_scores(tiny_model: Path, layout, tmp_path: Path) -> None:
+    """map.scales: max over scales of each smoothed map z-scored by the normal statistics of that scale."""
+    from imganom.anomaly_map import gaussian_blur
+    from imganom.calibrate import map_statistics
+    from imganom.modelfile import load_model, save_model
+    from imganom.preprocess import prepare
+
+    model, meta, _ = load_model(tiny_model)
+    cfg = meta.cfg.model_copy(update={"map": meta.cfg.map.model_copy(update={"scales": [3.0]})})
+    p = tmp_path / "ms.safetensors"
+    save_model(p, model, cfg, training=meta.training, calibration=meta.calibration)
+    ms = Inspector.load(p)
+    assert ms.scale_sigmas == []  # no statistics yet: the plain single-scale map
+    normals = [it.path for it in layout.test if it.label == 0]
+    stats = map_statistics(ms, normals)
+    save_model(p, model, cfg, training=meta.training, calibration=meta.calibration, stats=stats)
+    ms = Inspector.load(p)
+    sig = cfg.postprocess.sigma
+    assert ms.scale_sigmas == [sig, 3.0]
+    # the statistics are what they say: each scale's z-scored normal maps have mean 0 and std 1
+    raw_n = _raw_maps(ms, normals)
+    for k, s in enumerate([sig, 3.0]):
+        z = (gaussian_blur(raw_n, s) - stats["scale_mean"][k]) / stats["scale_std"][k]
+        assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1.0) < 1e-2
+    test = [it.path for it in layout.test[:4]]
+    raw = _raw_maps(ms, test)
+    want = torch.maximum(
+        (gaussian_blur(raw, sig) - stats["scale_mean"][0]) / stats["scale_std"][0],
+        (gaussian_blur(raw, 3.0) - stats["scale_mean"][1]) / stats["scale_std"][1],
+    )
+    x = torch.from_numpy(np.concatenate([prepare(ms.load_input(q)[0], ms.cfg.preprocess)[0] for q in test]))
+    torch.testing.assert_close(ms.model_maps(x)[0], want, rtol=1e-5, atol=1e-5)
