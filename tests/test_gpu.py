@@ -167,15 +167,15 @@ def test_inspector_halves_batch_on_injected_oom(
     ref = Inspector.load(WEIGHTS, device="cpu")
     want = ref.predict(demo_test_paths)
     insp = Inspector.load(WEIGHTS, device="cpu")
-    real, sizes = insp.model_maps, []
+    real, sizes = insp.model_maps_scored, []
 
-    def model_maps(views: torch.Tensor):
+    def model_maps_scored(views: torch.Tensor):
         sizes.append(len(views))
         if len(views) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(views)
 
-    monkeypatch.setattr(insp, "model_maps", model_maps)
+    monkeypatch.setattr(insp, "model_maps_scored", model_maps_scored)
     with caplog.at_level(logging.WARNING, logger="imganom.gpu"):
         got = insp.predict(demo_test_paths)
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2
