@@ -313,6 +313,14 @@ class Inspector:
             return float(elbo)
         return image_score(amap, self.cfg.postprocess, roi)
 
+    def _verdict(self, score: float) -> tuple[float, bool]:
+        """(normalised score, NG?) at the image threshold; (nan, False) when uncalibrated."""
+        thr = self.image_threshold
+        if thr is None:
+            return float("nan"), False
+        scale = self.score_scale or max(abs(thr) * 0.1, 1e-6)
+        return float(normalize_score(score, thr, scale)), bool(score > thr)
+
     def _scores_t(self, maps: torch.Tensor, smaps: torch.Tensor | None, elbo: torch.Tensor) -> torch.Tensor:
         """Image scores (N,) float64 on the device, from the score maps where there are any."""
         pp = self.cfg.postprocess
@@ -355,11 +363,7 @@ class Inspector:
             mask, regions = postprocess(amap, thr_p, self.cfg.postprocess, roi)
         else:
             mask, regions = np.zeros(amap.shape, np.uint8), []
-        if thr_i is not None:
-            scale = self.score_scale or max(abs(thr_i) * 0.1, 1e-6)
-            norm, bad = float(normalize_score(score, thr_i, scale)), score > thr_i
-        else:
-            norm, bad = float("nan"), False
+        norm, bad = self._verdict(score)
         timing = {**timing, "post": (time.perf_counter() - t0) * 1e3}
         timing["total"] = sum(timing.values())
         return Result(
@@ -553,11 +557,7 @@ class Inspector:
             if j in post:
                 amap = got[j][0]
                 mask, regions = post[j]
-            if thr_i is not None:
-                scale = self.score_scale or max(abs(thr_i) * 0.1, 1e-6)
-                norm = float(normalize_score(score, thr_i, scale))
-            else:
-                norm = float("nan")
+            norm, _ = self._verdict(score)
             timing = {**timings[j], "post": post_ms}
             timing["total"] = sum(timing.values())
             results.append(
