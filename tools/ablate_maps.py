@@ -28,7 +28,6 @@ from imganom.inspector import Inspector
 from imganom.io import read_image
 from imganom.metrics import PixelMetrics
 from imganom.preprocess import prepare
-from imganom.projection import project
 
 
 @torch.no_grad()
@@ -36,7 +35,7 @@ def components(
     insp: Inspector, paths: list[Path], batch: int = 32, proj: tuple[int, float, float] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw L1 and (1-SSIM)/2 maps (N, h, w) at model resolution, channel-mean; ``proj`` = (steps, alpha,
-    lam) first projects each input onto the normal manifold (``imganom.projection``)."""
+    lam) first projects each input onto the normal manifold (``tools/projection.py``)."""
     pp, win = insp.cfg.preprocess, insp.cfg.map.ssim_window
     l1s, sss = [], []
     for i in range(0, len(paths), batch):
@@ -46,6 +45,8 @@ def components(
             views.append(prepare(chw, pp)[0][0])
         x = torch.from_numpy(np.stack(views))
         if proj:
+            from projection import project  # tools/projection.py, next to this script
+
             _, r = project(insp.model, x, proj[0], proj[1], proj[2], ssim_window=win)
         else:
             mu, _ = insp.model.encode(x)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .anomaly_map import ssim_map
-from .model import ConvVAE
+from imganom.anomaly_map import ssim_map
+from imganom.model import ConvVAE
 
 
 def _energy(x: torch.Tensor, r: torch.Tensor, x0: torch.Tensor, lam: float, ssim_w: float, win: int):
