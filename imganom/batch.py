@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -90,12 +89,6 @@ class _Decode(Dataset):
 
 def _collate(batch: list[dict]) -> list[dict]:
     return batch
-
-
-def decode_worker_init(_: int) -> None:
-    """One OpenCV thread per decode worker: parallelism comes from the workers, and the device/model
-    threads keep the cores (measured in tools/bench_inspect.py)."""
-    cv2.setNumThreads(1)
 
 
 @dataclass
@@ -182,7 +175,6 @@ def run_inspect(
             shuffle=False,
             num_workers=workers,
             collate_fn=_collate,
-            worker_init_fn=decode_worker_init if workers else None,
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
         )
