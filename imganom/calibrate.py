@@ -112,6 +112,9 @@ def normal_scores(
     return np.asarray(scores), res.sample()
 
 
+MAX_STATS_IMAGES = 512  # normal-map statistics converge long before; caps the extra pass over training data
+
+
 def calibrate(
     insp: Inspector,
     paths: Sequence[Path],
@@ -119,18 +122,40 @@ def calibrate(
     *,
     labeled: Sequence[tuple[Path, int]] | None = None,
     batch_size: int = 16,
+    stats_paths: Sequence[Path] | None = None,
+    keep_stats: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
 
-    The inspector is updated in place so it is immediately usable with the new thresholds."""
+    Normal-map statistics (``map.standardize`` / ``map.scales``) must come from other images than the
+    threshold scores: scored against statistics they helped form, images look more normal than unseen ones
+    and the thresholds come out too low (all NG on a small set). So they come from ``stats_paths`` (after
+    training: the training images, up to ``MAX_STATS_IMAGES``), else from every other image of ``paths``,
+    whose remaining half then sets the thresholds. ``keep_stats``: reuse the model's statistics when it has
+    them (recalibrating thresholds only, on all of ``paths``). The inspector is updated in place."""
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
     wants = insp.cfg.map.standardize != "off" or bool(insp.cfg.map.scales)
-    if wants and insp.cfg.preprocess.resize == "tile":
+    mcfg = insp.cfg.map
+    have = (mcfg.standardize == "off" or "map_mean" in insp.stats) and (
+        not mcfg.scales or "scale_mean" in insp.stats
+    )
+    if wants and keep_stats and have:
+        log.info("calibration: keeping the model's normal-map statistics")
+    elif wants and insp.cfg.preprocess.resize == "tile":
         log.warning("calibration: map.standardize/map.scales are not used with resize=tile")
     elif wants:
-        stats = map_statistics(insp, paths, batch_size)
+        paths = list(paths)
+        if stats_paths is None and len(paths) >= 4:
+            stats_paths, paths = paths[::2], paths[1::2]
+        elif stats_paths is None:
+            stats_paths = paths
+            log.warning("calibration: fewer than 4 images; normal-map statistics from the same images")
+        sp = list(stats_paths)
+        if len(sp) > MAX_STATS_IMAGES:
+            sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
+        stats = map_statistics(insp, sp, batch_size)
         insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
     scores, pix = normal_scores(insp, paths, batch_size)
     thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)

@@ -96,7 +96,7 @@ def train(
 
             cal_paths = training_images(data)[0]
         insp = Inspector.load(res.model_path, device=device)
-        cal, stats = calibrate(insp, cal_paths)
+        cal, stats = calibrate(insp, cal_paths, stats_paths=res.train_paths or None)
         update_calibration(res.model_path, cal, stats)
         console.print(
             f"calibrated on {cal['n_images']} held-out normal images: image threshold "
@@ -117,6 +117,12 @@ def calibrate_cmd(
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Write a new model file instead of updating in place."
+    ),
+    restat: bool = typer.Option(
+        False,
+        "--restat",
+        help="Recompute the normal-map statistics (map.standardize/scales) from half of --data "
+        "instead of keeping the model's (from its training images).",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -142,7 +148,7 @@ def calibrate_cmd(
     if labeled is not None:
         lay = scan_mvtec(labeled)
         lab = [(it.path, it.label) for it in lay.test]
-    cal, stats = calibrate(insp, paths, cfg, labeled=lab)
+    cal, stats = calibrate(insp, paths, cfg, labeled=lab, keep_stats=not restat)
     if out is None:
         update_calibration(model, cal, stats)
         dest = resolve_model_path(model)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class TrainResult:
     interrupted: bool
     seconds: float
     val_paths: list[Path]
+    train_paths: list[Path] = field(default_factory=list)  # the images trained on (normal-map statistics)
 
 
 def _cosine_lr(cfg: Config, step: int, total: int) -> float:
@@ -388,6 +389,7 @@ def train(
         interrupted,
         time.perf_counter() - t0,
         [paths[i] for i in va_idx],
+        [paths[i] for i in tr_idx],
     )
 
 

@@ -382,3 +382,29 @@ def test_multiscale_map_is_max_of_per_scale_z_scores(tiny_model: Path, layout, t
     )
     x = torch.from_numpy(np.concatenate([prepare(ms.load_input(q)[0], ms.cfg.preprocess)[0] for q in test]))
     torch.testing.assert_close(ms.model_maps(x)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_keeps_statistics_and_threshold_images_apart(
+    tiny_model: Path, layout, tmp_path: Path
+) -> None:
+    """Normal-map statistics never come from the images that set the thresholds (in-sample z-scores are too
+    low): from stats_paths, else from every other image; keep_stats reuses the model's own."""
+    from imganom.calibrate import calibrate
+    from imganom.modelfile import load_model, save_model
+
+    model, meta, _ = load_model(tiny_model)
+    cfg = meta.cfg.model_copy(update={"map": meta.cfg.map.model_copy(update={"standardize": "score"})})
+    p = tmp_path / "z.safetensors"
+    save_model(p, model, cfg, training=meta.training, calibration=meta.calibration)
+    normals = [it.path for it in layout.test if it.label == 0]
+    train = sorted((layout.root / "train" / "good").glob("*.png"))
+    cal, stats = calibrate(Inspector.load(p), normals, stats_paths=train)
+    assert cal["n_images"] == len(normals) and "map_mean" in stats
+    cal2, stats2 = calibrate(Inspector.load(p), normals)  # no separate set: halves
+    assert cal2["n_images"] == len(normals[1::2])
+    assert not torch.equal(stats["map_mean"], stats2["map_mean"])
+    save_model(p, model, cfg, training=meta.training, calibration=cal, stats=stats)
+    insp = Inspector.load(p)
+    cal3, stats3 = calibrate(insp, normals, keep_stats=True)
+    assert stats3 == {} and cal3["n_images"] == len(normals)
+    assert torch.equal(insp.stats["map_mean"], stats["map_mean"])
