@@ -358,26 +358,33 @@ class Inspector:
         roi = self._roi_for(amap.shape)
         if score is None:
             score = self._score(amap, elbo, roi)
-        thr_i, thr_p = self.image_threshold, self.pixel_threshold
+        thr_p = self.pixel_threshold
         if thr_p is not None:
             mask, regions = postprocess(amap, thr_p, self.cfg.postprocess, roi)
         else:
             mask, regions = np.zeros(amap.shape, np.uint8), []
-        norm, bad = self._verdict(score)
         timing = {**timing, "post": (time.perf_counter() - t0) * 1e3}
-        timing["total"] = sum(timing.values())
+        image = chw if keep_image else None
+        return self._result(item_id, float(score), amap, mask, regions, timing, meta, image)
+
+    def _result(
+        self,
+        item_id: str,
+        score: float,
+        amap: np.ndarray | None,
+        mask: np.ndarray | None,
+        regions: list[Region],
+        timing: dict[str, float],
+        meta: ImageMeta | None,
+        image: np.ndarray | None,
+        size: tuple[int, int] | None = None,
+    ) -> Result:
+        """A Result with the verdict at the current thresholds and the total time filled in."""
+        norm, bad = self._verdict(score)
+        timing = {**timing, "total": sum(timing.values())}
+        thresholds = {"image": self.image_threshold, "pixel": self.pixel_threshold}
         return Result(
-            item_id,
-            float(score),
-            norm,
-            bool(bad),
-            amap,
-            mask,
-            regions,
-            {"image": thr_i, "pixel": thr_p},
-            timing,
-            meta,
-            chw if keep_image else None,
+            item_id, score, norm, bad, amap, mask, regions, thresholds, timing, meta, image, size=size
         )
 
     # ---- pipelined device batches --------------------------------------------------------------------------
@@ -557,25 +564,10 @@ class Inspector:
             if j in post:
                 amap = got[j][0]
                 mask, regions = post[j]
-            norm, _ = self._verdict(score)
             timing = {**timings[j], "post": post_ms}
-            timing["total"] = sum(timing.values())
-            results.append(
-                Result(
-                    item_id,
-                    score,
-                    norm,
-                    bool(bad[j]),
-                    amap,
-                    mask,
-                    regions,
-                    {"image": thr_i, "pixel": thr_p},
-                    timing,
-                    meta,
-                    chw if keep_image else None,
-                    size=batch.geoms[j].original,
-                )
-            )
+            image = chw if keep_image else None
+            size = batch.geoms[j].original
+            results.append(self._result(item_id, score, amap, mask, regions, timing, meta, image, size))
         return results
 
     def predict_stream(
