@@ -63,3 +63,26 @@ def tiny_model(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     cal, stats = calibrate(insp, res.val_paths)
     update_calibration(res.model_path, cal, stats)
     return res.model_path
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The integration tests' model (serve, watch, export): ``tiny`` trained 3 epochs on 40 synthetic 64 px
+    images, calibrated on its held-out split; also an uncalibrated copy. Read-only, like ``tiny_model``."""
+    import shutil
+
+    from imganom.calibrate import calibrate
+    from imganom.config import load_config
+    from imganom.inspector import Inspector
+    from imganom.modelfile import update_calibration
+    from imganom.synth import make_dataset
+    from imganom.train import train
+
+    root = tmp_path_factory.mktemp("small_run")
+    make_dataset(root / "data", n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
+    res = train(load_config("tiny", {"train": {"epochs": 3}}), root / "data", root / "run", progress=False)
+    raw = root / "uncalibrated.safetensors"
+    shutil.copy(res.model_path, raw)
+    cal, stats = calibrate(Inspector.load(res.model_path), res.val_paths)
+    update_calibration(res.model_path, cal, stats)
+    return {"model": Path(res.model_path), "uncalibrated": raw, "data": root / "data", "root": root}

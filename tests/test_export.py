@@ -34,32 +34,28 @@ from imganom.export import (
 )
 from imganom.inspector import Inspector
 from imganom.modelfile import ModelFileError, load_model, read_meta, save_model, update_calibration
-from imganom.synth import make_dataset
-from imganom.train import train
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny calibrated model, its data, ~10 test images (one non-square) and the CLI-exported ONNX file."""
+def trained(small_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The shared tiny calibrated model (conftest ``small_run``), ~10 test images (one non-square) and the
+    CLI-exported ONNX file; ``root`` is this module's own folder (``root/data`` links to the data)."""
     root = tmp_path_factory.mktemp("export")
     data = root / "data"
-    make_dataset(data, n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
-    res = train(load_config("tiny", {"train": {"epochs": 3}}), data, root / "run", progress=False)
-    insp = Inspector.load(res.model_path)
-    cal, stats = calibrate(insp, res.val_paths)
-    update_calibration(res.model_path, cal, stats)
+    data.symlink_to(small_run["data"], target_is_directory=True)
+    model = small_run["model"]
     good = sorted((data / "test" / "good").glob("*.png"))[:4]
     bad = sorted(p for p in (data / "test").glob("*/*.png") if p.parent.name != "good")[:5]
     wide = root / "wide.png"  # non-square (48 x 80), stretched to 64 x 64 by the tiny config
     cv2.imwrite(str(wide), cv2.resize(cv2.imread(str(bad[0]), cv2.IMREAD_GRAYSCALE), (80, 48)))
     onnx_path = root / "model.onnx"
-    args = ["export", "--model", str(res.model_path), "--format", "onnx", "--out", str(onnx_path), "--opset",
+    args = ["export", "--model", str(model), "--format", "onnx", "--out", str(onnx_path), "--opset",
             "18", "--check"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(onnx_path)
     assert "check:" in r.output
-    return {"root": root, "model": res.model_path, "onnx": onnx_path, "images": [*good, *bad, wide]}
+    return {"root": root, "model": model, "onnx": onnx_path, "images": [*good, *bad, wide]}
 
 
 def _variant(trained: dict, name: str, **overrides: dict) -> Path:

@@ -12,7 +12,6 @@ import io
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -42,24 +41,9 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "P
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny model trained 3 epochs on 64 px synthetic data; an uncalibrated copy too."""
-    from imganom.calibrate import calibrate
-    from imganom.config import load_config
-    from imganom.inspector import Inspector
-    from imganom.modelfile import update_calibration
-    from imganom.synth import make_dataset
-    from imganom.train import train
-
-    root = tmp_path_factory.mktemp("serve")
-    make_dataset(root / "data", n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
-    res = train(load_config("tiny", {"train": {"epochs": 3}}), root / "data", root / "run", progress=False)
-    raw = root / "uncalibrated.safetensors"
-    shutil.copy(res.model_path, raw)
-    insp = Inspector.load(res.model_path)
-    cal, stats = calibrate(insp, res.val_paths)
-    update_calibration(res.model_path, cal, stats)
-    return {"model": Path(res.model_path), "uncalibrated": raw, "data": root / "data", "root": root}
+def trained(small_run: dict[str, Path]) -> dict[str, Path]:
+    """The shared tiny model (conftest ``small_run``): calibrated, an uncalibrated copy, its data."""
+    return small_run
 
 
 def _free_port() -> int:

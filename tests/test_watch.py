@@ -19,13 +19,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imganom.calibrate import calibrate
 from imganom.cli import app
-from imganom.config import load_config
 from imganom.inspector import Inspector
-from imganom.modelfile import update_calibration
-from imganom.synth import make_dataset
-from imganom.train import train
 from imganom.watch import FolderWatcher, WatchError, WatchOptions, is_candidate, unique_path
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
@@ -34,17 +29,10 @@ FAST = WatchOptions(poll_s=0.05, settle_s=0.2, batch_size=4, once=True, report=F
 
 
 @pytest.fixture(scope="session")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny calibrated model plus PNG bytes of normal and defective test images."""
-    root = tmp_path_factory.mktemp("watch")
-    data = root / "data"
-    make_dataset(data, n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
-    res = train(load_config("tiny", {"train": {"epochs": 3}}), data, root / "run", progress=False)
-    insp = Inspector.load(res.model_path)
-    cal, stats = calibrate(insp, res.val_paths)
-    update_calibration(res.model_path, cal, stats)
-    pngs = [p.read_bytes() for p in sorted((data / "test").glob("*/*.png"))]
-    return {"model": res.model_path, "insp": Inspector.load(res.model_path), "pngs": pngs}
+def setup(small_run: dict[str, Path]) -> dict:
+    """The shared tiny calibrated model (conftest ``small_run``) plus PNG bytes of its test images."""
+    pngs = [p.read_bytes() for p in sorted((small_run["data"] / "test").glob("*/*.png"))]
+    return {"model": small_run["model"], "insp": Inspector.load(small_run["model"]), "pngs": pngs}
 
 
 def _rows(out: Path) -> list[dict]:
