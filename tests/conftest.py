@@ -40,7 +40,7 @@ def imganom_cmd(*args: str) -> list[str]:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MVTec-layout synthetic dataset: 48 train/good, 8 test/good, 10 defects (2 per kind), 64 px."""
-    from imganom.synth import make_dataset
+    from imganom.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("synth") / "ds"
     make_dataset(root, n_train=48, n_test_good=8, n_test_defect=10, size=64, seed=0)
@@ -51,11 +51,11 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` preset trained 4 epochs on ``synth_root`` and calibrated on its held-out split, exactly as
     ``imganom train`` does; returns the model file path (its run directory holds ``log.csv``)."""
-    from imganom.calibrate import calibrate
     from imganom.config import load_config
-    from imganom.inspector import Inspector
-    from imganom.modelfile import update_calibration
-    from imganom.train import train
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.training.trainer import train
+    from imganom.workflows.calibrate import calibrate
 
     cfg = load_config("tiny", {"train": {"epochs": TINY_EPOCHS}})
     res = train(cfg, synth_root, tmp_path_factory.mktemp("tiny_run"), device="cpu", progress=False)
@@ -71,12 +71,12 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images, calibrated on its held-out split; also an uncalibrated copy. Read-only, like ``tiny_model``."""
     import shutil
 
-    from imganom.calibrate import calibrate
     from imganom.config import load_config
-    from imganom.inspector import Inspector
-    from imganom.modelfile import update_calibration
-    from imganom.synth import make_dataset
-    from imganom.train import train
+    from imganom.data.synth import make_dataset
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.training.trainer import train
+    from imganom.workflows.calibrate import calibrate
 
     root = tmp_path_factory.mktemp("small_run")
     make_dataset(root / "data", n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)

@@ -1,4 +1,4 @@
-"""imganom.data: discovery on real folder trees in tmp_path."""
+"""imganom.data.discovery: discovery on real folder trees in tmp_path."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imganom.data import (
+from imganom.data.discovery import (
     MVTecItem,
     expand_inputs,
     find_images,

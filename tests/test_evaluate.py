@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imganom.cli import app
+from imganom.cli.main import app
 from imganom.config import load_config
-from imganom.data import scan_mvtec
-from imganom.evaluate import evaluate, histogram_range, read_mask, stratified_order
-from imganom.inspector import Result
-from imganom.synth import make_dataset
+from imganom.data.discovery import scan_mvtec
+from imganom.data.synth import make_dataset
+from imganom.evaluation.evaluate import evaluate, histogram_range, read_mask, stratified_order
+from imganom.inference.inspector import Result
 
 REQUIRED = {
     "image": {"auroc", "ap", "f1_max", "f1_at_threshold", "fpr_at_threshold", "tpr_at_threshold"},
@@ -84,10 +84,10 @@ def labelled(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_path(synth, tmp_path_factory) -> Path:
-    from imganom.calibrate import calibrate
-    from imganom.inspector import Inspector
-    from imganom.modelfile import update_calibration
-    from imganom.train import train
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.training.trainer import train
+    from imganom.workflows.calibrate import calibrate
 
     res = train(
         load_config("tiny", {"train": {"epochs": 3}}), synth, tmp_path_factory.mktemp("run"), progress=False
@@ -205,7 +205,8 @@ def test_missing_resized_and_unreadable(labelled, tmp_path):
 
 def test_cli_real_model(model_path, synth, tmp_path):
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "imganom.cli", "evaluate", "--model", str(model_path), "--data", str(synth),
+    cmd = [sys.executable, "-m", "imganom.cli",
+           "evaluate", "--model", str(model_path), "--data", str(synth),
            "--out", str(out), "--batch-size", "8", "--worst", "4"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr

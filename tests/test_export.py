@@ -2,7 +2,7 @@
 
 Tolerances (fp32; the SSIM variance terms E[x^2] - E[x]^2 amplify summation-order differences between
 torch's and onnxruntime's depthwise convolutions): maps within PARITY_RTOL = 1e-4 of the map's max |value|
-(1e-3 for standardised maps, see imganom.export), image scores within 1e-4 relative, verdicts identical,
+(1e-3 for standardised maps, see imganom.export.onnx), image scores within 1e-4 relative, verdicts identical,
 masks equal on >= 99.9 % of pixels. The CLI runs in-process (typer's CliRunner) to spare a torch import.
 """
 
@@ -19,10 +19,9 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from imganom.calibrate import calibrate
-from imganom.cli import app
+from imganom.cli.main import app
 from imganom.config import load_config
-from imganom.export import (
+from imganom.export.onnx import (
     PARITY_RTOL,
     PARITY_RTOL_STANDARDIZED,
     OnnxInspector,
@@ -32,8 +31,9 @@ from imganom.export import (
     read_onnx_meta,
     update_onnx_thresholds,
 )
-from imganom.inspector import Inspector
-from imganom.modelfile import ModelFileError, load_model, read_meta, save_model, update_calibration
+from imganom.formats.modelfile import ModelFileError, load_model, read_meta, save_model, update_calibration
+from imganom.inference.inspector import Inspector
+from imganom.workflows.calibrate import calibrate
 
 
 @pytest.fixture(scope="session")

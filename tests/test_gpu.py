@@ -1,4 +1,4 @@
-"""The device fast path (``imganom.gpu`` and its hooks in ``Inspector`` / ``run_inspect``).
+"""The device fast path (``imganom.inference.pipeline`` and its hooks in ``Inspector`` / ``run_inspect``).
 
 CPU tests check everything that does not need a GPU: torch morphology vs OpenCV (bit-exact), device-side
 scores vs numpy, OOM halving with an injected OOM, the prefetcher and pipeline ordering, and the
@@ -17,22 +17,20 @@ import pytest
 import torch
 
 from imganom.config import PostprocessConfig
-from imganom.demo import DATA, WEIGHTS
-from imganom.gpu import (
+from imganom.inference.inspector import Inspector
+from imganom.inference.pipeline import (
     AdaptiveBatch,
     HostCopy,
     Prefetcher,
-    binarize_t,
-    ellipse_rows,
-    image_scores_t,
     is_oom,
     keep_output_layer_fp32,
     pad_batch,
     pipelined,
     run_adaptive,
 )
-from imganom.inspector import Inspector
-from imganom.postprocess import binarize, image_score, structuring_element
+from imganom.ops.device_post import binarize_t, ellipse_rows, image_scores_t
+from imganom.ops.postprocess import binarize, image_score, structuring_element
+from imganom.workflows.demo import DATA, WEIGHTS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,8 +44,8 @@ def _random_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def demo_test_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A few images of the demo's synthetic test set (same generator settings as the demo model's data)."""
-    from imganom.data import find_images
-    from imganom.synth import make_dataset
+    from imganom.data.discovery import find_images
+    from imganom.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("gpu") / "demo"
     kw = {k: v for k, v in DATA.items() if not k.startswith("n_")}
@@ -129,7 +127,7 @@ def _fake_oom_fn(limit: int, calls: list[int], error: type[Exception] = torch.Ou
 def test_run_adaptive_halves_on_oom_and_remembers(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[int] = []
     state = AdaptiveBatch()
-    with caplog.at_level(logging.WARNING, logger="imganom.gpu"):
+    with caplog.at_level(logging.WARNING, logger="imganom.inference.pipeline"):
         out = run_adaptive(_fake_oom_fn(3, calls), list(range(11)), 8, state)
     assert out == [2 * v for v in range(11)]
     assert calls == [8, 4, 2, 2, 2, 2, 2, 1]
@@ -176,7 +174,7 @@ def test_inspector_halves_batch_on_injected_oom(
         return real(views)
 
     monkeypatch.setattr(insp, "model_maps_scored", model_maps_scored)
-    with caplog.at_level(logging.WARNING, logger="imganom.gpu"):
+    with caplog.at_level(logging.WARNING, logger="imganom.inference.pipeline"):
         got = insp.predict(demo_test_paths)
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2
     assert insp._adaptive.limit == 2
@@ -194,8 +192,8 @@ def test_pad_batch_keeps_rows_and_layout() -> None:
 
 
 def test_output_layer_fp32_under_autocast_only() -> None:
-    from imganom.model import ConvVAE
-    from imganom.modelfile import load_model
+    from imganom.formats.modelfile import load_model
+    from imganom.models.vae import ConvVAE
 
     model, _, _ = load_model(WEIGHTS)
     plain = ConvVAE(model.cfg, model.in_channels, model.size).eval()
@@ -346,7 +344,7 @@ def test_predict_stream_returns_errors_per_batch(demo_test_paths: list[Path]) ->
 def test_run_inspect_with_maps_ng_writes_outputs_for_ng_only(
     demo_test_paths: list[Path], tmp_path: Path
 ) -> None:
-    from imganom.batch import run_inspect
+    from imganom.workflows.inspect import run_inspect
 
     insp = Inspector.load(WEIGHTS, device="cpu", maps="ng")
     rows, summary = run_inspect(insp, demo_test_paths[:8], tmp_path / "out", workers=0, report=False)
@@ -365,9 +363,9 @@ class TestCUDA:
     """Only on a GPU machine: mixed precision parity, real OOM halving, prefetch and compile."""
 
     def test_bf16_maps_and_verdicts_match_fp32_on_demo_data(self, tmp_path: Path) -> None:
-        from imganom.data import find_images
-        from imganom.demo import make_demo_data
-        from imganom.postprocess import postprocess
+        from imganom.data.discovery import find_images
+        from imganom.ops.postprocess import postprocess
+        from imganom.workflows.demo import make_demo_data
 
         paths = find_images(make_demo_data(tmp_path / "demo") / "test")
         fp32 = Inspector.load(WEIGHTS, device="cuda", precision="fp32").predict(paths)
@@ -388,8 +386,8 @@ class TestCUDA:
 
     def test_oom_halving_with_a_huge_batch(self, caplog: pytest.LogCaptureFixture) -> None:
         from imganom.config import load_config
-        from imganom.model import ConvVAE
-        from imganom.modelfile import ModelMeta
+        from imganom.formats.modelfile import ModelMeta
+        from imganom.models.vae import ConvVAE
 
         cfg = load_config(None, {"preprocess": {"size": [256, 256]}})
         model = ConvVAE(cfg.model, 1, (256, 256))
@@ -401,7 +399,7 @@ class TestCUDA:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, 1.5 * 2**30 / total))
         try:
-            with caplog.at_level(logging.WARNING, logger="imganom.gpu"):
+            with caplog.at_level(logging.WARNING, logger="imganom.inference.pipeline"):
                 res = insp.predict_arrays(items)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)

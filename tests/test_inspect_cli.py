@@ -16,9 +16,9 @@ import pytest
 import tifffile
 from conftest import cli_env, imganom_cmd
 
-from imganom.batch import run_inspect
-from imganom.demo import WEIGHTS
-from imganom.inspector import Inspector
+from imganom.inference.inspector import Inspector
+from imganom.workflows.demo import WEIGHTS
+from imganom.workflows.inspect import run_inspect
 
 COMPARE = ("id", "status", "verdict")
 
@@ -135,7 +135,7 @@ def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 
 def test_inspect_resume_after_sigkill(tiny_model: Path, tmp_path: Path) -> None:
-    from imganom.synth import make_dataset
+    from imganom.data.synth import make_dataset
 
     make_dataset(tmp_path / "ds", n_train=0, n_test_good=50, n_test_defect=10, size=128, seed=5)
     folder = tmp_path / "ds" / "test"

@@ -15,14 +15,14 @@ import torch
 from conftest import cli_env, imganom_cmd
 from PIL import Image
 
-from imganom.calibrate import calibrate
 from imganom.config import load_config
-from imganom.data import find_images, scan_mvtec
-from imganom.inspector import Inspector, Result
-from imganom.io import ImageReadError
-from imganom.model import ConvVAE
-from imganom.modelfile import read_meta, save_model
-from imganom.preprocess import prepare
+from imganom.data.discovery import find_images, scan_mvtec
+from imganom.data.preprocess import prepare
+from imganom.data.readers import ImageReadError
+from imganom.formats.modelfile import read_meta, save_model
+from imganom.inference.inspector import Inspector, Result
+from imganom.models.vae import ConvVAE
+from imganom.workflows.calibrate import calibrate
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_calibrated_false_reject_rate(insp: Inspector, tiny_model: Path, tmp_pat
 
     The threshold is a 90% upper confidence bound, so the rate is usually below 0.1 (about 0.05 here), but it
     is a quantile, not the maximum: some fresh normals do exceed it."""
-    from imganom.synth import make_dataset
+    from imganom.data.synth import make_dataset
 
     make_dataset(tmp_path / "fresh", n_train=0, n_test_good=240, n_test_defect=0, size=64, seed=11)
     normals = find_images(tmp_path / "fresh" / "test" / "good")
@@ -314,8 +314,8 @@ def test_calibrate_cli_updates_the_model_file(tiny_model: Path, synth_root: Path
 
 def test_score_side_standardisation(tiny_model: Path, layout, tmp_path: Path) -> None:
     """standardize="score" keeps the plain map and masks of "off" and takes the score of "map"."""
-    from imganom.calibrate import map_statistics
-    from imganom.modelfile import load_model, save_model
+    from imganom.formats.modelfile import load_model, save_model
+    from imganom.workflows.calibrate import map_statistics
 
     model, meta, _ = load_model(tiny_model)
     normals = [it.path for it in layout.test if it.label == 0]
@@ -338,7 +338,7 @@ def test_score_side_standardisation(tiny_model: Path, layout, tmp_path: Path) ->
 
 def _raw_maps(insp: Inspector, paths: list) -> torch.Tensor:
     """Unsmoothed single-scale maps of model-sized views (the input of the multi-scale combination)."""
-    from imganom.preprocess import prepare
+    from imganom.data.preprocess import prepare
 
     pp = insp.cfg.preprocess
     x = torch.from_numpy(np.concatenate([prepare(insp.load_input(q)[0], pp)[0] for q in paths]))
@@ -352,10 +352,10 @@ def _raw_maps(insp: Inspector, paths: list) -> torch.Tensor:
 
 def test_multiscale_map_is_max_of_per_scale_z_scores(tiny_model: Path, layout, tmp_path: Path) -> None:
     """map.scales: max over scales of each smoothed map z-scored by the normal statistics of that scale."""
-    from imganom.anomaly_map import gaussian_blur
-    from imganom.calibrate import map_statistics
-    from imganom.modelfile import load_model, save_model
-    from imganom.preprocess import prepare
+    from imganom.data.preprocess import prepare
+    from imganom.formats.modelfile import load_model, save_model
+    from imganom.ops.maps import gaussian_blur
+    from imganom.workflows.calibrate import map_statistics
 
     model, meta, _ = load_model(tiny_model)
     cfg = meta.cfg.model_copy(update={"map": meta.cfg.map.model_copy(update={"scales": [3.0]})})
@@ -389,8 +389,8 @@ def test_calibration_keeps_statistics_and_threshold_images_apart(
 ) -> None:
     """Normal-map statistics never come from the images that set the thresholds (in-sample z-scores are too
     low): from stats_paths, else from every other image; keep_stats reuses the model's own."""
-    from imganom.calibrate import calibrate
-    from imganom.modelfile import load_model, save_model
+    from imganom.formats.modelfile import load_model, save_model
+    from imganom.workflows.calibrate import calibrate
 
     model, meta, _ = load_model(tiny_model)
     cfg = meta.cfg.model_copy(update={"map": meta.cfg.map.model_copy(update={"standardize": "score"})})

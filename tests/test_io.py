@@ -1,4 +1,4 @@
-"""imganom.io: every format written for real into tmp_path, every bad input, every normalisation mode."""
+"""data.readers: every format written for real into tmp_path, every bad input, every normalisation mode."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from imganom.config import IntensityConfig
-from imganom.io import (
+from imganom.data.readers import (
     IMAGE_EXTENSIONS,
     ImageMeta,
     ImageReadError,

@@ -1,8 +1,8 @@
-"""Fused Triton anomaly-map kernels (imganom.kernels) against the torch reference (imganom.anomaly_map).
+"""Fused Triton anomaly-map kernels (imganom.ops.triton_maps) against the torch reference (imganom.ops.maps).
 
-How interpreter mode is made robust: ``imganom.kernels`` wraps its kernels with ``triton.jit`` lazily, once
+How interpreter mode is made robust: ``ops.triton_maps`` wraps its kernels with ``triton.jit`` lazily, once
 per mode, at call time. So the ``interpret`` fixture only has to set ``TRITON_INTERPRET=1`` (monkeypatch)
-before the call; it does not matter whether triton or imganom.kernels were imported earlier, by this or any
+before the call; it does not matter whether triton or ops.triton_maps were imported earlier, by this or any
 other module, without it. The interpreter is slow: inputs here are tiny. ``TestGPU`` (skipped without CUDA)
 unsets the variable so the compiled kernels run, and checks half-precision error bounds at 256x256.
 """
@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imganom import anomaly_map as am
-from imganom import kernels
-from imganom.anomaly_map import anomaly_map
 from imganom.config import MapConfig
-from imganom.kernels import compute_anomaly_map, fused_anomaly_map, triton_available
+from imganom.ops import maps as am
+from imganom.ops import triton_maps as kernels
+from imganom.ops.maps import anomaly_map
+from imganom.ops.triton_maps import compute_anomaly_map, fused_anomaly_map, triton_available
 
 HAVE_TRITON = kernels.triton is not None
 HAVE_CUDA = torch.cuda.is_available()
@@ -204,8 +204,8 @@ def test_works_without_triton_installed():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from imganom.config import MapConfig\n"
-        "from imganom.anomaly_map import anomaly_map\n"
-        "from imganom.kernels import compute_anomaly_map, triton_available\n"
+        "from imganom.ops.maps import anomaly_map\n"
+        "from imganom.ops.triton_maps import compute_anomaly_map, triton_available\n"
         "assert not triton_available()\n"
         "x = torch.rand(1, 2, 9, 9); r = torch.rand(1, 2, 9, 9)\n"
         "cfg = MapConfig()\n"

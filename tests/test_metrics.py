@@ -1,4 +1,4 @@
-"""Tests for imganom.metrics: hand-computed image metrics, histogram pixel metrics against sklearn and
+"""Tests for imganom.ops.metrics: hand-computed image metrics, histogram pixel metrics against sklearn and
 brute force, streaming AUPRO against the exact reference, exact Dice/IoU, bounded memory."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from imganom.metrics import EvalAccumulator, ImageMetrics, PixelMetrics, aupro_reference, roc_points
+from imganom.ops.metrics import EvalAccumulator, ImageMetrics, PixelMetrics, aupro_reference, roc_points
 
 
 def _no_nan(obj) -> None:

@@ -13,8 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from imganom.config import ModelConfig, load_config
-from imganom.model import ConvVAE, kl_divergence
-from imganom.modelfile import (
+from imganom.formats.modelfile import (
     FORMAT_VERSION,
     ModelFileError,
     load_model,
@@ -23,6 +22,7 @@ from imganom.modelfile import (
     save_model,
     update_calibration,
 )
+from imganom.models.vae import ConvVAE, kl_divergence
 
 PACKAGE = Path(__file__).resolve().parent.parent / "imganom"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from imganom.config import PostprocessConfig
-from imganom.postprocess import (
+from imganom.ops.postprocess import (
     binarize,
     border_roi,
     find_regions,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imganom.report import _histogram, write_report
-from imganom.writers import OutputOptions, write_item_outputs
+from imganom.reporting.html import _histogram, write_report
+from imganom.reporting.writers import OutputOptions, write_item_outputs
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 IMAGE_THRESHOLD = 0.5

@@ -59,7 +59,8 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "imganom.cli", "serve", "--model", str(model), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "imganom.cli",
+               "serve", "--model", str(model), "--port", str(self.port)]
         cmd += args
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
@@ -256,7 +257,7 @@ def _png_array(b64: str) -> np.ndarray:
 
 
 def test_health_ready_and_model(main: str, openapi: dict, trained: dict[str, Path]) -> None:
-    from imganom.modelfile import read_meta
+    from imganom.formats.modelfile import read_meta
 
     meta = read_meta(trained["model"])
     assert check(HTTP.get(main + "/healthz"), openapi, "/healthz", "get")["status"] == "ok"
@@ -477,8 +478,8 @@ def test_in_process_readiness_and_timeout(trained: dict[str, Path], images: dict
     and its queued job is dropped, never run."""
     from fastapi.testclient import TestClient
 
-    from imganom.inspector import Inspector
-    from imganom.serve import ServeSettings, create_app
+    from imganom.inference.inspector import Inspector
+    from imganom.serve.app import ServeSettings, create_app
 
     app = create_app(Inspector.load(trained["model"]), ServeSettings(max_wait_ms=3000, timeout_s=0.3))
     client = TestClient(app)  # not entered as a context manager: startup has not run
@@ -500,7 +501,7 @@ def test_in_process_readiness_and_timeout(trained: dict[str, Path], images: dict
 def test_cli_refuses_bad_models(trained: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from imganom.cli import app
+    from imganom.cli.main import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["serve", "--model", str(tmp_path / "missing.safetensors")])

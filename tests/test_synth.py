@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from imganom.synth import DEFECTS, MASK_TOL, SPLIT_IDS, TEXTURES, add_defect, make_dataset, normal_image
+from imganom.data.synth import (
+    DEFECTS,
+    MASK_TOL,
+    SPLIT_IDS,
+    TEXTURES,
+    add_defect,
+    make_dataset,
+    normal_image,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

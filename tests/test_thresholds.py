@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from imganom.thresholds import (
+from imganom.ops.thresholds import (
     ReservoirSampler,
     f1_max_threshold,
     min_calibration_size,

@@ -19,11 +19,11 @@ from conftest import TINY_EPOCHS, cli_env, imganom_cmd
 from safetensors.torch import load_file
 
 from imganom.config import CONFIG_DIR, AugmentConfig, load_config
-from imganom.data import find_images
-from imganom.inspector import Inspector
-from imganom.modelfile import load_model, read_meta
-from imganom.train import LOG_COLUMNS, train
-from imganom.trainset import NormalImages, build_augment
+from imganom.data.discovery import find_images
+from imganom.formats.modelfile import load_model, read_meta
+from imganom.inference.inspector import Inspector
+from imganom.training.dataset import NormalImages, build_augment
+from imganom.training.trainer import LOG_COLUMNS, train
 
 # a fast variant of the tiny preset: 16 images (12 train / 4 val), 2 batches per epoch
 FAST = {"train": {"max_images": 16, "batch_size": 8, "val_fraction": 0.25, "epochs": 2}}
@@ -60,7 +60,7 @@ def test_log_has_one_row_per_epoch_and_loss_decreases(tiny_model: Path) -> None:
     assert betas == sorted(betas) and betas[-1] == pytest.approx(load_config("tiny").loss.beta)
     meta = read_meta(tiny_model)
     # precision "auto" on the CPU: bf16 autocast where the CPU has native bf16, else fp32
-    from imganom.train import cpu_has_native_bf16
+    from imganom.utils.device import cpu_has_native_bf16
 
     auto = "bfloat16" if cpu_has_native_bf16() else "fp32"
     assert meta.training["epochs"] == TINY_EPOCHS and meta.training["precision"] == auto

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imganom.cli import app
-from imganom.inspector import Inspector
-from imganom.watch import FolderWatcher, WatchError, WatchOptions, is_candidate, unique_path
+from imganom.cli.main import app
+from imganom.inference.inspector import Inspector
+from imganom.workflows.watch import FolderWatcher, WatchError, WatchOptions, is_candidate, unique_path
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
 IMGANOM = str(Path(sys.executable).with_name("imganom"))

@@ -10,19 +10,18 @@ import cv2
 import numpy as np
 import pytest
 
-from imganom.writers import (
+from imganom.reporting.writers import (
     CSV_COLUMNS,
     OutputOptions,
     ResultsWriter,
-    atomic_write_bytes,
     colorize,
     encode_jpeg,
     encode_png,
     output_stem,
     render_overlay,
     write_item_outputs,
-    write_json_atomic,
 )
+from imganom.utils.files import atomic_write_bytes, write_json_atomic
 
 
 def _scene(h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from imganom.anomaly_map import gaussian_blur, ssim_map
-from imganom.data import find_images, scan_mvtec, train_val_split
-from imganom.inspector import Inspector
-from imganom.io import read_image
-from imganom.metrics import PixelMetrics
-from imganom.preprocess import prepare
+from imganom.data.discovery import find_images, scan_mvtec, train_val_split
+from imganom.data.preprocess import prepare
+from imganom.data.readers import read_image
+from imganom.inference.inspector import Inspector
+from imganom.ops.maps import gaussian_blur, ssim_map
+from imganom.ops.metrics import PixelMetrics
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@
   original image size bilinearly. Image score: the map's maximum. No smoothing, no calibration tricks.
 * Thresholds from the held-out normal split (``--val-fraction`` of train/good): pixel = 99.9 % quantile of
   its pooled pixels, image = 99 % quantile of its image scores.
-* Evaluation: ``imganom.evaluate.evaluate`` -- the same streaming metrics (``EvalAccumulator``), mask
+* Evaluation: ``evaluation.evaluate`` -- the same streaming metrics (``EvalAccumulator``), mask
   handling and report as ``imganom evaluate``, on the same test split at original mask resolution.
 
 Example: ``python tools/baseline_monai.py --data /data/mvtec/bottle --epochs 30 --out runs/baseline-bottle``
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imganom.data import scan_mvtec, train_val_split
-from imganom.evaluate import evaluate
-from imganom.inspector import Result
-from imganom.io import ImageMeta, read_image
+from imganom.data.discovery import scan_mvtec, train_val_split
+from imganom.data.readers import ImageMeta, read_image
+from imganom.evaluation.evaluate import evaluate
+from imganom.inference.inspector import Result
 
 CHANNELS = (16, 32, 64, 128)
 STRIDES = (2, 2, 2, 2)
@@ -85,7 +85,7 @@ def train(args: argparse.Namespace, x: torch.Tensor, device: torch.device) -> tu
 
 
 class BaselinePredictor:
-    """``predict_arrays`` for ``imganom.evaluate``: squared-error maps at original size, score = max."""
+    """``predict_arrays`` for ``evaluation.evaluate``: squared-error maps at original size, score = max."""
 
     def __init__(self, model: torch.nn.Module, size: int, device: torch.device):
         self.model, self.size, self.device = model, size, device

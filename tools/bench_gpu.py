@@ -41,15 +41,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from imganom.batch import run_inspect  # noqa: E402
 from imganom.config import Config, load_config  # noqa: E402
-from imganom.gpu import is_oom, release_memory, vae_forward  # noqa: E402
-from imganom.inspector import Inspector  # noqa: E402
-from imganom.kernels import compute_anomaly_map, triton_available  # noqa: E402
-from imganom.model import ConvVAE  # noqa: E402
-from imganom.modelfile import ModelMeta, save_model  # noqa: E402
-from imganom.train import resolve_device  # noqa: E402
-from imganom.writers import OutputOptions  # noqa: E402
+from imganom.formats.modelfile import ModelMeta, save_model  # noqa: E402
+from imganom.inference.inspector import Inspector  # noqa: E402
+from imganom.inference.pipeline import is_oom, release_memory, vae_forward  # noqa: E402
+from imganom.models.vae import ConvVAE  # noqa: E402
+from imganom.ops.triton_maps import compute_anomaly_map, triton_available  # noqa: E402
+from imganom.reporting.writers import OutputOptions  # noqa: E402
+from imganom.utils.device import resolve_device  # noqa: E402
+from imganom.workflows.inspect import run_inspect  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MD_START, MD_END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
@@ -164,8 +164,8 @@ def build_inspector(
 def write_pngs(cfg: Config, folder: Path, n: int) -> tuple[Path, list[np.ndarray]]:
     """``n`` synthetic 8-bit PNGs of the model's size (``synth.make_dataset``'s train/good), and the same
     images decoded (normalised CHW float32) for the stages that start from host arrays."""
-    from imganom.io import read_image
-    from imganom.synth import make_dataset
+    from imganom.data.readers import read_image
+    from imganom.data.synth import make_dataset
 
     make_dataset(folder, n_train=n, n_test_good=0, n_test_defect=0, size=cfg.preprocess.size[0])
     good = folder / "train" / "good"
@@ -255,8 +255,8 @@ def stage_inspect(
 
 def parity(dev: torch.device, dtypes: list[str]) -> dict[str, Any]:
     """Reduced precision vs fp32 on the demo model and its synthetic test set (same device)."""
-    from imganom.data import find_images
-    from imganom.demo import WEIGHTS, make_demo_data
+    from imganom.data.discovery import find_images
+    from imganom.workflows.demo import WEIGHTS, make_demo_data
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = find_images(make_demo_data(Path(tmp) / "demo") / "test")

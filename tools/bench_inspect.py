@@ -32,17 +32,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from imganom.config import load_config  # noqa: E402
-from imganom.data import find_images  # noqa: E402
-from imganom.inspector import Inspector  # noqa: E402
-from imganom.io import read_image, to_uint8_preview  # noqa: E402
-from imganom.model import ConvVAE  # noqa: E402
-from imganom.modelfile import save_model  # noqa: E402
-from imganom.preprocess import prepare, to_original  # noqa: E402
+from imganom.data.discovery import find_images  # noqa: E402
+from imganom.data.preprocess import prepare, to_original  # noqa: E402
+from imganom.data.readers import read_image, to_uint8_preview  # noqa: E402
+from imganom.formats.modelfile import save_model  # noqa: E402
+from imganom.inference.inspector import Inspector  # noqa: E402
+from imganom.models.vae import ConvVAE  # noqa: E402
 
 
 def make_data(root: Path, n: int, size: int) -> Path:
     """``n`` synthetic images (10% defective) of ``size`` px; returns the folder to inspect."""
-    from imganom.synth import make_dataset
+    from imganom.data.synth import make_dataset
 
     if not (root / "test").is_dir():
         n_def = max(1, n // 10)
@@ -128,7 +128,7 @@ def end_to_end_cli(model_path: Path, folder: Path, out: Path, batch: int, worker
 
 def end_to_end_inprocess(model_path: Path, folder: Path, out: Path, batch: int, workers: int) -> dict:
     """``batch.run_inspect`` (what the CLI calls) in this process: wall and CPU time incl. decode workers."""
-    from imganom.batch import run_inspect
+    from imganom.workflows.inspect import run_inspect
 
     shutil.rmtree(out, ignore_errors=True)
     insp = Inspector.load(model_path, device="cpu")
@@ -141,8 +141,7 @@ def end_to_end_inprocess(model_path: Path, folder: Path, out: Path, batch: int, 
 
 def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -> dict[str, float]:
     """Sequential per-stage cost (ms per image) of what ``imganom inspect`` does for each image."""
-    from imganom.batch import Item, _row, _write_outputs
-    from imganom.writers import (
+    from imganom.reporting.writers import (
         OutputOptions,
         ResultsWriter,
         _as_rgb,
@@ -152,6 +151,7 @@ def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -
         encode_png,
         render_overlay,
     )
+    from imganom.workflows.inspect import Item, _row, _write_outputs
 
     insp = Inspector.load(model_path, device="cpu")
     pp = insp.cfg.preprocess

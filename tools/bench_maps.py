@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from imganom.config import MapConfig
-from imganom.kernels import compute_anomaly_map, triton_available
+from imganom.ops.triton_maps import compute_anomaly_map, triton_available
 
 
 def _timeit(fn: Callable[[], object], iters: int, warmup: int, cuda: bool) -> float:

@@ -3,7 +3,7 @@
     python tools/bench_train.py                          # 128 and 256 px, batch 16
     python tools/bench_train.py --sizes 128 --steps 10 --json bench_train.json
 
-One step is exactly what ``imganom.train`` does per batch: channels-last input, forward under autocast,
+One step is exactly what ``training.trainer`` does per batch: channels-last input, forward under autocast,
 ``vae_loss`` (L1 + SSIM + KL), backward, gradient clipping, AdamW. A few warm-up steps are not timed.
 """
 
@@ -23,8 +23,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from imganom.config import load_config  # noqa: E402
-from imganom.losses import vae_loss  # noqa: E402
-from imganom.model import ConvVAE  # noqa: E402
+from imganom.models.losses import vae_loss  # noqa: E402
+from imganom.models.vae import ConvVAE  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -78,7 +78,7 @@ def make_payloads(
     size: int, n_valid: int = 8, seed: int = 0
 ) -> tuple[list[bytes], dict[str, tuple[bytes, str]]]:
     """Valid synthetic PNGs (half with a defect) and one payload (bytes, content type) per bad kind."""
-    from imganom.synth import add_defect, normal_image
+    from imganom.data.synth import add_defect, normal_image
 
     rng = np.random.default_rng(seed)
     valid = []
@@ -129,12 +129,12 @@ def rss_mb(pid: int | None) -> float | None:
 
 def tiny_model(workdir: Path) -> Path:
     """Train and calibrate the 64 px test model (a few seconds on a CPU)."""
-    from imganom.calibrate import calibrate
     from imganom.config import load_config
-    from imganom.inspector import Inspector
-    from imganom.modelfile import update_calibration
-    from imganom.synth import make_dataset
-    from imganom.train import train
+    from imganom.data.synth import make_dataset
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.training.trainer import train
+    from imganom.workflows.calibrate import calibrate
 
     make_dataset(workdir / "data", n_train=40, n_test_good=6, n_test_defect=10, size=64, seed=0)
     res = train(
@@ -150,7 +150,8 @@ def start_server(model: Path, extra: list[str], log: Path) -> tuple[subprocess.P
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "imganom.cli", "serve", "--model", str(model), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "imganom.cli",
+           "serve", "--model", str(model), "--port", str(port), *extra]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)

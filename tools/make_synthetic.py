@@ -1,4 +1,4 @@
-"""Write a deterministic synthetic MVTec-style dataset (thin CLI over ``imganom.synth.make_dataset``).
+"""Write a deterministic synthetic MVTec-style dataset (thin CLI over ``imganom.data.synth.make_dataset``).
 
 Example: ``python tools/make_synthetic.py /tmp/synth --size 128 --channels 3 --texture weave --seed 1``
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from imganom.synth import DEFECTS, FORMATS, TEXTURES, make_dataset
+from imganom.data.synth import DEFECTS, FORMATS, TEXTURES, make_dataset
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from imganom.anomaly_map import ssim_map
-from imganom.model import ConvVAE
+from imganom.models.vae import ConvVAE
+from imganom.ops.maps import ssim_map
 
 
 def _energy(x: torch.Tensor, r: torch.Tensor, x0: torch.Tensor, lam: float, ssim_w: float, win: int):

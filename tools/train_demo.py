@@ -2,7 +2,7 @@
 
     python tools/train_demo.py            # ~1 min on a 2-core CPU
 
-Uses ``imganom.demo.DATA`` / ``CONFIG`` / ``TRAIN_OVERRIDES`` so `imganom demo` regenerates matching data.
+Uses ``workflows.demo.DATA`` / ``CONFIG`` / ``TRAIN_OVERRIDES`` so `imganom demo` regenerates matching data.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from imganom.demo import WEIGHTS, make_demo_data, train_demo_model
+from imganom.workflows.demo import WEIGHTS, make_demo_data, train_demo_model
 
 
 def main() -> None:

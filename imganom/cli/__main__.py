@@ -1,0 +1,3 @@
+from imganom.cli.main import main
+
+main()

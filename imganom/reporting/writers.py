@@ -1,0 +1,369 @@
+"""Per-image output files (masks, heatmaps, overlays, previews, raw maps) and the results table.
+
+Everything is written atomically (temp file in the target folder, then ``os.replace``) so a killed
+``imganom inspect`` never leaves half-written images or tables behind; ``ResultsWriter`` appends one
+JSON line per input so an interrupted run can be resumed, and ``finalize`` rewrites the tables in
+input order at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TextIO
+
+import cv2
+import numpy as np
+
+from imganom.utils.files import atomic_write_bytes, to_jsonable, write_json_atomic  # noqa: F401
+
+CSV_COLUMNS = (
+    "id", "path", "status", "verdict", "score", "norm_score", "n_regions", "max_region_area",
+    "image_threshold", "pixel_threshold", "model_id", "time_ms", "error",
+)  # fmt: skip
+
+_CMAPS = {
+    "inferno": cv2.COLORMAP_INFERNO,
+    "jet": cv2.COLORMAP_JET,
+    "turbo": cv2.COLORMAP_TURBO,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "magma": cv2.COLORMAP_MAGMA,
+    "hot": cv2.COLORMAP_HOT,
+}
+_UNSAFE = re.compile(r'[\x00-\x1f<>:"|?*\\]')
+
+
+def output_stem(item_id: str) -> str:
+    """Relative posix path (no extension) under which an item's outputs are stored.
+
+    Folders are kept; in the file name every '.' and '#' becomes '_' and '=' is dropped, so the
+    original extension stays part of the stem and ``x/a.png`` / ``x/a.tif`` cannot collide:
+    ``sub/a.png -> sub/a_png``, ``b.nii.gz#slice=0003 -> b_nii_gz_slice0003``. Characters that are
+    unsafe in file names become '_', and '.'/'..'/empty/absolute components are neutralised so an
+    id can never escape the output folder.
+    """
+    parts = [p for p in PurePosixPath(item_id.replace("\\", "/")).parts if p not in ("/", "", ".")]
+    if not parts:
+        raise ValueError(f"cannot derive an output name from item id {item_id!r}")
+    name = parts[-1].replace(".", "_").replace("#", "_").replace("=", "")
+    folders = ["__" if p == ".." else p for p in parts[:-1]]
+    return "/".join(_UNSAFE.sub("_", p) for p in [*folders, name])
+
+
+def _to_bgr(img: np.ndarray) -> np.ndarray:
+    """HxW stays, HxWx1 is squeezed, HxWx3 RGB becomes BGR for OpenCV."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        return img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if img.ndim == 2:
+        return img
+    raise ValueError(f"expected an HxW or HxWx3 image, got shape {img.shape}")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 HxW / HxWx3 RGB image or a uint16 HxW image."""
+    if img.dtype == np.uint16 and img.ndim != 2:
+        raise ValueError("uint16 PNGs must be single-channel HxW")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"encode_png needs uint8 or uint16, got {img.dtype}")
+    ok, buf = cv2.imencode(".png", _to_bgr(np.ascontiguousarray(img)))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes of a uint8 HxW / HxWx3 RGB image."""
+    if img.dtype != np.uint8:
+        raise ValueError(f"encode_jpeg needs uint8, got {img.dtype}")
+    q = int(min(max(quality, 1), 100))
+    ok, buf = cv2.imencode(".jpg", _to_bgr(np.ascontiguousarray(img)), [cv2.IMWRITE_JPEG_QUALITY, q])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def colorize(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """HxWx3 uint8 RGB rendering of a float map, clipped to [vmin, vmax] (NaN shows as vmin)."""
+    if cmap not in _CMAPS:
+        raise ValueError(f"unknown colormap {cmap!r}; choose from {sorted(_CMAPS)}")
+    span = max(float(vmax) - float(vmin), 1e-12)
+    norm = np.nan_to_num((np.asarray(amap, dtype=np.float32) - vmin) / span, nan=0.0, posinf=1.0, neginf=0.0)
+    u8 = np.rint(np.clip(norm, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, _CMAPS[cmap]), cv2.COLOR_BGR2RGB)
+
+
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    if img.dtype != np.uint8:
+        raise ValueError(f"preview must be uint8, got {img.dtype}")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img
+    raise ValueError(f"preview must be HxW or HxWx3, got shape {img.shape}")
+
+
+def _fit(arr: np.ndarray, shape: tuple[int, int], *, binary: bool = False) -> np.ndarray:
+    """Resize a map/mask to (H, W); binary masks keep every region visible when shrinking (area > 0)."""
+    if arr.shape[:2] == shape:
+        return arr.astype(bool) if binary else arr.astype(np.float32, copy=False)
+    resized = cv2.resize(arr.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return resized > 0 if binary else resized
+
+
+def _score_text(score: float | None) -> str:
+    return "n/a" if score is None or not math.isfinite(score) else f"{score:.3g}"
+
+
+def render_overlay(
+    preview: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray,
+    *,
+    threshold: float,
+    vmax: float,
+    score: float,
+    verdict: str,
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Original image with the anomaly map blended in, region outlines and a "NG 0.87" label (RGB uint8).
+
+    The map is only blended where it exceeds half the pixel threshold (ramping to full ``alpha`` at the
+    threshold) so OK images stay readable. ``amap``/``mask`` are resized to the preview if needed, so
+    the overlay can be rendered directly at thumbnail size. Line widths and text scale with the image.
+    """
+    base = _as_rgb(preview)
+    h, w = base.shape[:2]
+    amap = _fit(np.asarray(amap), (h, w))
+    mask = _fit(np.asarray(mask), (h, w), binary=True)
+
+    lo = 0.5 * float(threshold)
+    ramp = max(float(threshold) - lo, 1e-12)
+    weight = alpha * np.clip((np.nan_to_num(amap) - lo) / ramp, 0.0, 1.0)[..., None]
+    colour = colorize(amap, lo, max(float(vmax), lo + 1e-6)).astype(np.float32)
+    out = np.rint(base * (1.0 - weight) + colour * weight).astype(np.uint8)
+
+    ng = verdict == "NG"
+    short = min(h, w)
+    thick = max(1, round(short / 250))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if contours:
+        cv2.drawContours(out, contours, -1, (0, 0, 0), thick + 2, cv2.LINE_AA)  # dark halo for contrast
+        cv2.drawContours(out, contours, -1, (255, 40, 40) if ng else (60, 230, 90), thick, cv2.LINE_AA)
+
+    # Label in the top-left corner, about 7% of the short side tall but never wider than the image.
+    label = f"{verdict or 'ERR'} {_score_text(score)}"
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw1, th1), _ = cv2.getTextSize(label, font, 1.0, 2)
+    scale = min(max(8.0, 0.07 * short) / th1, 0.85 * w / tw1)
+    tthick = max(1, round(scale * 1.8))
+    (tw, th), base_line = cv2.getTextSize(label, font, scale, tthick)
+    pad = max(2, round(th * 0.3))
+    box = (200, 30, 30) if ng else (25, 125, 55) if verdict == "OK" else (90, 90, 90)
+    x2, y2 = min(w - 1, tw + 2 * pad), min(h - 1, th + base_line + 2 * pad)
+    cv2.rectangle(out, (0, 0), (x2, y2), box, thickness=-1)
+    cv2.putText(out, label, (pad, pad + th), font, scale, (255, 255, 255), tthick, cv2.LINE_AA)
+    return out
+
+
+def _downscale(img: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return img
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class OutputOptions:
+    """Which per-image files ``write_item_outputs`` produces.
+
+    ``raw_maps``: None, ``'npy'`` (float16 array) or ``'png16'`` (uint16 PNG, pixel = map / vmax * 65535,
+    saturating at vmax; decode with ``png / 65535 * vmax``, so the caller must record vmax).
+    ``max_preview_side`` bounds previews and overlays (report thumbnails); masks and heatmaps keep the
+    original size.
+    """
+
+    masks: bool = True
+    heatmaps: bool = True
+    overlays: bool = True
+    previews: bool = True
+    raw_maps: str | None = None
+    max_preview_side: int = 512
+
+    def __post_init__(self) -> None:
+        if self.raw_maps not in (None, "npy", "png16"):
+            raise ValueError(f"raw_maps must be None, 'npy' or 'png16', got {self.raw_maps!r}")
+
+
+def write_item_outputs(
+    out_dir: Path,
+    item_id: str,
+    preview: np.ndarray,
+    amap: np.ndarray,
+    mask: np.ndarray,
+    *,
+    threshold: float,
+    vmax: float,
+    score: float,
+    verdict: str,
+    options: OutputOptions,
+) -> dict[str, str]:
+    """Write the enabled outputs of one item atomically; returns ``{kind: relative posix path}``.
+
+    Layout: ``masks/<stem>.png`` (0/255), ``heatmaps/<stem>.png`` (map coloured over [0, vmax]),
+    ``overlays/<stem>.png``, ``previews/<stem>.jpg`` and ``raw/<stem>.npy|.png``, with
+    ``stem = output_stem(item_id)``.
+    """
+    out_dir = Path(out_dir)
+    stem = output_stem(item_id)
+    amap = np.asarray(amap, dtype=np.float32)
+    written: dict[str, str] = {}
+
+    def put(kind: str, rel: str, data: bytes) -> None:
+        atomic_write_bytes(out_dir / rel, data)
+        written[kind] = rel
+
+    if options.masks:
+        put("mask", f"masks/{stem}.png", encode_png(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)))
+    if options.heatmaps:
+        put("heatmap", f"heatmaps/{stem}.png", encode_png(colorize(amap, 0.0, vmax)))
+    if options.overlays or options.previews:
+        small = _downscale(_as_rgb(preview), options.max_preview_side)
+        if options.overlays:
+            ov = render_overlay(
+                small, amap, mask, threshold=threshold, vmax=vmax, score=score, verdict=verdict
+            )
+            put("overlay", f"overlays/{stem}.png", encode_png(ov))
+        if options.previews:
+            put("preview", f"previews/{stem}.jpg", encode_jpeg(small))
+    if options.raw_maps == "npy":
+        buf = io.BytesIO()
+        np.save(buf, amap.astype(np.float16))
+        put("raw_map", f"raw/{stem}.npy", buf.getvalue())
+    elif options.raw_maps == "png16":
+        scaled = np.clip(np.nan_to_num(amap) / max(float(vmax), 1e-12), 0.0, 1.0) * 65535.0
+        put("raw_map", f"raw/{stem}.png", encode_png(np.rint(scaled).astype(np.uint16)))
+    return written
+
+
+def _dumps_line(row: dict) -> str:
+    return json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
+    """Rows of a results.jsonl and whether it needs rewriting (truncated or unterminated last line).
+
+    Only the last line may be damaged (a run killed mid-append); damage elsewhere raises ValueError.
+    """
+    if not path.exists():
+        return [], False
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    dirty = bool(lines[-1])  # last line lacks its newline
+    if not lines[-1]:
+        lines.pop()
+    rows: list[dict] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError("not a result row")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                return rows, True
+            raise ValueError(f"{path}: line {i + 1} is corrupt ({e})") from None
+        rows.append(row)
+    return rows, dirty
+
+
+class ResultsWriter:
+    """Append-only ``results.jsonl`` (one row per input) plus ``results.csv`` written by ``finalize``.
+
+    Every row is flushed to the OS immediately (survives a killed process) and fsynced every
+    ``fsync_every`` rows and on close. ``resume=True`` keeps an existing results.jsonl (dropping a
+    truncated last line) and lists its ids in ``done_ids``; ``resume=False`` starts empty and removes a
+    stale results.csv. Not thread-safe: call from one thread.
+    """
+
+    def __init__(self, out_dir: Path, resume: bool = False, *, fsync_every: int = 50) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.out_dir / "results.jsonl"
+        self.csv_path = self.out_dir / "results.csv"
+        self.fsync_every = max(1, fsync_every)
+        self.done_ids: set[str] = set()
+        if resume:
+            rows, dirty = _read_jsonl(self.jsonl_path)
+            if dirty:
+                atomic_write_bytes(self.jsonl_path, "".join(map(_dumps_line, rows)).encode(), fsync=True)
+            self.done_ids = {str(r["id"]) for r in rows}
+            self._fh: TextIO | None = open(self.jsonl_path, "a", encoding="utf-8")
+        else:
+            self.csv_path.unlink(missing_ok=True)
+            self._fh = open(self.jsonl_path, "w", encoding="utf-8")
+        self._unsynced = 0
+
+    def write(self, row: dict) -> None:
+        """Append one row (needs ``id``); missing columns become null, regions/outputs default to empty."""
+        if self._fh is None:
+            raise ValueError("ResultsWriter is closed")
+        if "id" not in row:
+            raise ValueError("result row needs an 'id'")
+        full = {c: None for c in CSV_COLUMNS} | {"regions": [], "outputs": {}} | row
+        self._fh.write(_dumps_line(full))
+        self._fh.flush()
+        self.done_ids.add(str(row["id"]))
+        self._unsynced += 1
+        if self._unsynced >= self.fsync_every:
+            os.fsync(self._fh.fileno())
+            self._unsynced = 0
+
+    def close(self) -> None:
+        """Flush, fsync and close the jsonl file (idempotent)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def finalize(self, order: list[str]) -> list[dict]:
+        """Rewrite results.jsonl and results.csv in input order, one row per id (the last written wins).
+
+        Rows whose id is not in ``order`` are kept, after the ordered ones. Closes the writer.
+        """
+        self.close()
+        rows, _ = _read_jsonl(self.jsonl_path)
+        latest: dict[str, dict] = {}
+        for r in rows:
+            latest.pop(str(r["id"]), None)  # re-insert so unordered leftovers keep their last position
+            latest[str(r["id"])] = r
+        ordered = [latest.pop(i) for i in dict.fromkeys(order) if i in latest]
+        ordered += latest.values()
+        atomic_write_bytes(self.jsonl_path, "".join(map(_dumps_line, ordered)).encode(), fsync=True)
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(CSV_COLUMNS)
+        for r in ordered:
+            w.writerow(["" if r.get(c) is None else r[c] for c in CSV_COLUMNS])
+        atomic_write_bytes(self.csv_path, buf.getvalue().encode("utf-8"), fsync=True)
+        return ordered
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

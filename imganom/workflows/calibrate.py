@@ -1,0 +1,218 @@
+"""Thresholds from normal images only (and, optionally, F1-max thresholds from labelled anomalies).
+
+Image threshold: an order-statistic upper confidence bound on the (1 - target_fpr) quantile of normal image
+scores (``thresholds.quantile_upper_bound``), so a small calibration set errs towards fewer false rejects.
+Pixel threshold: a high quantile of pooled normal pixel scores (bounded-memory reservoir sample).
+With ``map.standardize`` / ``map.scales`` a first pass measures each pixel's mean and spread of the raw
+normal map / each smoothing scale's mean and spread (not for tiled models: their views have no fixed place).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imganom.config import CalibrationConfig
+from imganom.data.preprocess import prepare
+from imganom.data.readers import ImageReadError, read_image
+from imganom.inference.inspector import Inspector
+from imganom.ops.maps import gaussian_blur
+from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
+
+log = logging.getLogger(__name__)
+
+
+def _decoded(insp: Inspector, paths: Sequence[Path]):
+    pp = insp.cfg.preprocess
+    for p in paths:
+        try:
+            chw, meta = read_image(
+                p,
+                intensity=pp.intensity,
+                channels=pp.channels,
+                channel_policy=pp.channel_policy,
+                max_pixels=pp.max_pixels,
+            )
+        except ImageReadError as e:
+            log.warning("calibration: skipping %s", e)
+            continue
+        yield str(p), chw, meta
+
+
+def _chunks(it, n: int):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@torch.no_grad()
+def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Normal-map statistics at model resolution: per-pixel mean and std of raw (unsmoothed) maps (Welford
+    over views; for ``map.standardize``) and, for ``map.scales``, each smoothing scale's mean and std."""
+    h, w = insp.cfg.preprocess.size
+    n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
+    mcfg, pp = insp.cfg.map, insp.cfg.postprocess
+    sigmas = [float(pp.sigma), *mcfg.scales] if mcfg.scales else []
+    s1 = torch.zeros(len(sigmas), dtype=torch.float64)
+    s2 = torch.zeros(len(sigmas), dtype=torch.float64)
+    saved = mcfg.standardize, mcfg.scales, pp.sigma
+    mcfg.standardize, mcfg.scales, pp.sigma = "off", [], 0.0
+    try:
+        for chunk in _chunks(_decoded(insp, paths), batch_size):
+            views = np.concatenate([prepare(chw, insp.cfg.preprocess)[0] for _, chw, _ in chunk])
+            maps, _ = insp.model_maps(torch.from_numpy(views))
+            for k, sg in enumerate(sigmas):
+                b = gaussian_blur(maps, sg).double()
+                s1[k] += float(b.sum())
+                s2[k] += float((b * b).sum())
+            for m in maps.double().cpu():
+                n += 1
+                d = m - mean
+                mean += d / n
+                m2 += d * (m - mean)
+    finally:
+        mcfg.standardize, mcfg.scales, pp.sigma = saved
+    std = (m2 / max(n - 1, 1)).sqrt()
+    floor = float(std.mean()) * 0.1 + 1e-6  # avoid dividing by ~0 where normals never vary
+    out = {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
+    if sigmas:
+        cnt = max(n * h * w, 1)
+        smean = s1 / cnt
+        sstd = (s2 / cnt - smean * smean).clamp_min(0).sqrt().clamp_min(1e-6)
+        out.update({"scale_mean": smean.float(), "scale_std": sstd.float()})
+    return out
+
+
+def normal_scores(
+    insp: Inspector,
+    paths: Sequence[Path],
+    batch_size: int = 16,
+    pixel_capacity: int = 2_000_000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and a uniform sample of pixel scores over the given normal images."""
+    scores, res = [], ReservoirSampler(pixel_capacity, seed)
+    for chunk in _chunks(_decoded(insp, paths), batch_size):
+        for r in insp.predict_arrays(chunk):
+            scores.append(r.score)
+            res.add(r.anomaly_map.ravel())
+    if not scores:
+        raise ValueError("calibration: none of the given images could be read")
+    return np.asarray(scores), res.sample()
+
+
+MAX_STATS_IMAGES = 512  # normal-map statistics converge long before; caps the extra pass over training data
+
+
+def calibrate(
+    insp: Inspector,
+    paths: Sequence[Path],
+    cfg: CalibrationConfig | None = None,
+    *,
+    labeled: Sequence[tuple[Path, int]] | None = None,
+    batch_size: int = 16,
+    stats_paths: Sequence[Path] | None = None,
+    keep_stats: bool = False,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
+
+    Normal-map statistics (``map.standardize`` / ``map.scales``) must come from other images than the
+    threshold scores: scored against statistics they helped form, images look more normal than unseen ones
+    and the thresholds come out too low (all NG on a small set). So they come from ``stats_paths`` (after
+    training: the training images, up to ``MAX_STATS_IMAGES``), else from every other image of ``paths``,
+    whose remaining half then sets the thresholds. ``keep_stats``: reuse the model's statistics when it has
+    them (recalibrating thresholds only, on all of ``paths``). The inspector is updated in place."""
+    cfg = cfg or insp.cfg.calibration
+    t0 = time.perf_counter()
+    stats: dict[str, torch.Tensor] = {}
+    wants = insp.cfg.map.standardize != "off" or bool(insp.cfg.map.scales)
+    mcfg = insp.cfg.map
+    have = (mcfg.standardize == "off" or "map_mean" in insp.stats) and (
+        not mcfg.scales or "scale_mean" in insp.stats
+    )
+    if wants and keep_stats and have:
+        log.info("calibration: keeping the model's normal-map statistics")
+    elif wants and insp.cfg.preprocess.resize == "tile":
+        log.warning("calibration: map.standardize/map.scales are not used with resize=tile")
+    elif wants:
+        paths = list(paths)
+        if stats_paths is None and len(paths) >= 4:
+            stats_paths, paths = paths[::2], paths[1::2]
+        elif stats_paths is None:
+            stats_paths = paths
+            log.warning("calibration: fewer than 4 images; normal-map statistics from the same images")
+        sp = list(stats_paths)
+        if len(sp) > MAX_STATS_IMAGES:
+            sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
+        stats = map_statistics(insp, sp, batch_size)
+        insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
+    scores, pix = normal_scores(insp, paths, batch_size)
+    thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
+    pthr = pixel_threshold(pix, cfg.pixel_quantile)
+    scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)
+    cal: dict[str, Any] = {
+        "image_threshold": float(thr),
+        "pixel_threshold": float(pthr),
+        "source": "normal",
+        "target_fpr": cfg.target_fpr,
+        "confidence": cfg.confidence,
+        "pixel_quantile": cfg.pixel_quantile,
+        "n_images": int(len(scores)),
+        "score_scale": scale,
+        "image_info": info,
+        "normal_scores": {
+            "mean": float(scores.mean()),
+            "std": float(scores.std()),
+            "min": float(scores.min()),
+            "max": float(scores.max()),
+            "quantiles": {f"p{q}": float(np.percentile(scores, q)) for q in (50, 90, 95, 99)},
+        },
+        "pixel_stats": {
+            "n_sampled": int(pix.size),
+            "mean": float(pix.mean()),
+            "std": float(pix.std()),
+            "p99": float(np.percentile(pix, 99)),
+            "p999": float(np.percentile(pix, 99.9)),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": 0.0,
+    }
+    if labeled:
+        cal["f1_max"] = f1_thresholds(insp, labeled, batch_size)
+    cal["seconds"] = round(time.perf_counter() - t0, 3)
+    insp.image_threshold, insp.pixel_threshold, insp.score_scale = cal["image_threshold"], pthr, scale
+    insp.meta.calibration = cal
+    return cal, stats
+
+
+def f1_thresholds(
+    insp: Inspector,
+    labeled: Sequence[tuple[Path, int]],
+    batch_size: int = 16,
+    masks: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """F1-maximising image threshold from labelled images (label 1 = anomalous)."""
+    scores, labels = [], []
+    lab = {str(p): y for p, y in labeled}
+    for chunk in _chunks(_decoded(insp, [p for p, _ in labeled]), batch_size):
+        for r in insp.predict_arrays(chunk):
+            scores.append(r.score)
+            labels.append(lab[r.id])
+    thr, f1 = f1_max_threshold(np.asarray(scores), np.asarray(labels))
+    return {
+        "image_threshold": float(thr),
+        "f1": float(f1),
+        "pixel_threshold": insp.pixel_threshold,
+        "n_images": len(scores),
+    }

@@ -1,0 +1,302 @@
+"""``imganom inspect``: every input gets exactly one row, whatever happens to the others.
+
+Decoding runs in DataLoader worker processes, the device runs whole batches, and a small thread pool encodes
+and writes the PNG outputs so the device never waits long on disk. Rows stream to ``results.jsonl`` as they
+finish (``--resume`` picks up from there) and are rewritten in input order at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imganom.data.discovery import expand_inputs
+from imganom.data.readers import ImageReadError, count_slices, read_image, to_uint8_preview
+from imganom.inference.inspector import Inspector, Result
+from imganom.reporting.writers import OutputOptions, ResultsWriter, write_item_outputs
+from imganom.utils.files import write_json_atomic
+
+log = logging.getLogger(__name__)
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
+
+
+@dataclass
+class Item:
+    path: Path
+    id: str
+    slice: int | None = None
+
+
+def list_items(inputs: Sequence[str | Path], recursive: bool = True) -> list[Item]:
+    """Expand folders / files / list files into items; 3-D NIfTI volumes become one item per slice."""
+    items = []
+    for path, item_id in expand_inputs(inputs, recursive=recursive):
+        if path.name.lower().endswith(VOLUME_SUFFIXES):
+            try:
+                n = count_slices(path)
+            except ImageReadError:
+                n = 1  # the reader reports the error on the item itself
+            if n > 1:
+                items.extend(Item(path, f"{item_id}#slice={k:04d}", k) for k in range(n))
+                continue
+        items.append(Item(path, item_id))
+    return items
+
+
+class _Decode(Dataset):
+    """Decodes one item in a worker; never raises (errors travel as strings)."""
+
+    def __init__(self, items: Sequence[Item], insp: Inspector):
+        self.items = items
+        pp = insp.cfg.preprocess
+        self.kw = dict(
+            intensity=pp.intensity,
+            channels=pp.channels,
+            channel_policy=pp.channel_policy,
+            max_pixels=pp.max_pixels,
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        t0 = time.perf_counter()
+        try:
+            chw, meta = read_image(it.path, slice_index=it.slice, **self.kw)
+            return {"i": i, "chw": chw, "meta": meta, "error": None, "ms": (time.perf_counter() - t0) * 1e3}
+        except ImageReadError as e:
+            return {"i": i, "chw": None, "meta": None, "error": str(e), "ms": 0.0}
+        except Exception as e:  # noqa: BLE001 - a reader bug must not lose the row
+            return {
+                "i": i,
+                "chw": None,
+                "meta": None,
+                "error": f"{it.path}: unexpected {type(e).__name__}: {e}",
+                "ms": 0.0,
+            }
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+@dataclass
+class InspectStats:
+    total: int = 0
+    done: int = 0
+    ok: int = 0
+    ng: int = 0
+    error: int = 0
+    skipped: int = 0
+    scores: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _row(insp: Inspector, it: Item, res: Result | None, error: str | None, outputs: dict[str, str]) -> dict:
+    base = {
+        "id": it.id,
+        "path": str(it.path),
+        "model_id": insp.model_id,
+        "image_threshold": insp.image_threshold,
+        "pixel_threshold": insp.pixel_threshold,
+    }
+    if res is None:
+        return {
+            **base,
+            "status": "error",
+            "verdict": None,
+            "score": None,
+            "norm_score": None,
+            "n_regions": None,
+            "max_region_area": None,
+            "time_ms": None,
+            "error": error,
+            "regions": [],
+            "outputs": {},
+        }
+    d = res.to_dict()
+    return {
+        **base,
+        "status": "ok",
+        "verdict": res.verdict,
+        "score": res.score,
+        "norm_score": None if np.isnan(res.norm_score) else res.norm_score,
+        "n_regions": d["n_regions"],
+        "max_region_area": d["max_region_area"],
+        "time_ms": round(res.timing.get("total", 0.0), 3),
+        "error": None,
+        "regions": d["regions"],
+        "outputs": outputs,
+        "size": d["size"],
+    }
+
+
+def run_inspect(
+    insp: Inspector,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    recursive: bool = True,
+    batch_size: int = 16,
+    workers: int = 2,
+    resume: bool = False,
+    options: OutputOptions | None = None,
+    report: bool = True,
+    on_progress: Callable[[InspectStats], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Inspect all inputs into ``out``; returns (rows in input order, summary)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = options or OutputOptions()
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    items = list_items(inputs, recursive=recursive)
+    order = [it.id for it in items]
+    st = InspectStats(total=len(items))
+    with ResultsWriter(out, resume=resume) as writer:
+        todo = [i for i, it in enumerate(items) if it.id not in writer.done_ids]
+        st.skipped = len(items) - len(todo)
+        st.done = st.skipped
+        vmax = 2.0 * insp.image_threshold if insp.image_threshold else None
+        loader = DataLoader(
+            _Decode([items[i] for i in todo], insp),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+        pending: deque[tuple[Item, Result | None, str | None, Future | None]] = deque()
+
+        def drain(block: bool) -> None:
+            while pending and (block or pending[0][3] is None or pending[0][3].done()):
+                it, res, err, fut = pending.popleft()
+                outputs = {}
+                if fut is not None:
+                    try:
+                        outputs = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
+                        log.error("writing outputs for %s failed: %s", it.id, e)
+                        res, err = None, f"{it.path}: writing outputs failed: {e}"
+                writer.write(_row(insp, it, res, err, outputs))
+                st.done += 1
+                if res is None:
+                    st.error += 1
+                else:
+                    st.ok += 1
+                    st.ng += res.is_anomalous
+                    st.scores.append(res.score)
+                if on_progress:
+                    on_progress(st)
+
+        def device_batches():  # decoded batches -> the inspector's device pipeline (one batch in flight)
+            for batch in loader:
+                ok = [b for b in batch if b["error"] is None]
+                args = [(items[todo[b["i"]]].id, b["chw"], b["meta"]) for b in ok]
+                yield (batch, ok, args), args, [b["ms"] for b in ok]
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            stream = insp.predict_stream(device_batches(), keep_image=True, errors="return")
+            for (batch, ok, args), rs in stream:
+                results: dict[int, Result] = {}
+                if not isinstance(rs, Exception):
+                    results = {b["i"]: r for b, r in zip(ok, rs)}
+                else:  # e.g. out of memory even after halving: retry one by one
+                    for b, a in zip(ok, args):
+                        try:
+                            results[b["i"]] = insp.predict_arrays([a], keep_image=True)[0]
+                        except (RuntimeError, ValueError) as e:
+                            b["error"] = f"{items[todo[b['i']]].path}: inspection failed: {e}"
+                for b in batch:
+                    it = items[todo[b["i"]]]
+                    r = results.get(b["i"])
+                    fut = None
+                    if r is not None and r.anomaly_map is not None:  # Inspector(maps="ng"): NG images only
+                        fut = pool.submit(_write_outputs, out, r, options, vmax or max(r.score, 1e-6))
+                    pending.append((it, r, b["error"], fut))
+                drain(block=len(pending) > 4 * batch_size)
+            drain(block=True)
+        rows = writer.finalize(order)
+    st.seconds = time.perf_counter() - t0
+    summary = build_summary(insp, rows, st, started)
+    write_json_atomic(out / "summary.json", summary)
+    if report:
+        from imganom.reporting.html import write_report
+
+        write_report(out, rows, summary)
+    return rows, summary
+
+
+def _write_outputs(out: Path, r: Result, options: OutputOptions, vmax: float) -> dict[str, str]:
+    preview = to_uint8_preview(r.image)
+    paths = write_item_outputs(
+        out,
+        r.id,
+        preview,
+        r.anomaly_map,
+        r.mask,
+        threshold=r.thresholds["pixel"] or vmax,
+        vmax=vmax,
+        score=r.norm_score if not np.isnan(r.norm_score) else r.score,
+        verdict=r.verdict,
+        options=options,
+    )
+    r.image = None  # free the decoded input early
+    return paths
+
+
+def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: dt.datetime) -> dict:
+    """Counts over all final rows (resumed ones included), score distribution, throughput, versions."""
+    from imganom.formats.modelfile import library_versions
+
+    scores = np.array([r["score"] for r in rows if r["status"] == "ok"], dtype=float)
+    processed = st.done - st.skipped
+    return {
+        "counts": {
+            "total": len(rows),
+            "ok": sum(r["verdict"] == "OK" for r in rows),
+            "ng": sum(r["verdict"] == "NG" for r in rows),
+            "error": sum(r["status"] == "error" for r in rows),
+            "resumed": st.skipped,
+        },
+        "scores": (
+            {
+                "min": float(scores.min()),
+                "max": float(scores.max()),
+                "mean": float(scores.mean()),
+                "p50": float(np.median(scores)),
+                "p95": float(np.percentile(scores, 95)),
+                "histogram": np.histogram(scores, bins=20)[0].tolist(),
+                "bin_edges": np.histogram(scores, bins=20)[1].tolist(),
+            }
+            if scores.size
+            else None
+        ),
+        "thresholds": {"image": insp.image_threshold, "pixel": insp.pixel_threshold},
+        "model": {
+            "id": insp.model_id,
+            "name": insp.cfg.name,
+            "size": list(insp.cfg.preprocess.size),
+            "device": str(insp.device),
+            "precision": str(insp.amp).replace("torch.", "") if insp.amp else "fp32",
+        },
+        "throughput_img_s": processed / st.seconds if st.seconds > 0 else None,
+        "seconds": st.seconds,
+        "versions": library_versions(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
+    }

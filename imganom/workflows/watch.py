@@ -1,0 +1,507 @@
+"""``imganom watch``: inspect images as they land in a folder, then move each to done/ or error/.
+
+Polling only (no extra dependency). A file is a candidate when its name is not hidden, not a temp/partial
+name (``.tmp``, ``.part``, ``.crdownload``, ...) and has an image extension; it is *ready* once its size and
+mtime are unchanged across two polls at least ``settle_s`` apart and it can be opened, so both slow writers
+and write-to-temp-then-rename writers are handled. Ready files are inspected together (batched), with the
+outputs ``imganom inspect`` writes (rows appended to ``OUT/results.jsonl``; masks, heatmaps, overlays and
+previews mirroring the relative path; results.csv, summary.json and report.html rewritten on exit), then moved
+to ``done/`` (or ``error/`` with ``<name>.error.txt`` beside it), keeping relative paths and adding ``~2``,
+``~3``... before the extension instead of ever replacing a file. Defaults: ``OUT/done`` and ``OUT/error``
+(beside the results that describe them, and never inside the watched tree).
+
+Exactly once. The journal is ``OUT/results.jsonl``; a file's key is (relative path, size, mtime_ns).
+A file leaves IN_DIR only after all its rows are appended and fsynced, so nothing is moved without its result.
+A ready file whose key already has rows for all its items is moved without being read again, so a crash
+between row and move never yields a second row; a crash before the rows are durable leaves the file with no
+complete row, and it is inspected again (a torn last line is dropped, outputs are rewritten atomically under
+the same names). done/ and error/ are never scanned, and moves are renames that never replace a file.
+Each row also records ``source`` (that key) and ``moved_to`` (relative to OUT when inside it). A later file
+under an already used relative path gets the id ``rel~2`` (``~3``...), so ids and output names stay unique;
+a copy with the same path, size and mtime_ns counts as already inspected.
+One watcher per OUT (an advisory lock on ``OUT/.watch.lock``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imganom.data.readers import IMAGE_EXTENSIONS, ImageReadError, count_slices
+from imganom.inference.inspector import Inspector, Result
+from imganom.reporting.writers import OutputOptions, ResultsWriter, _read_jsonl
+from imganom.utils.files import atomic_write_bytes, write_json_atomic
+from imganom.workflows.inspect import (
+    VOLUME_SUFFIXES,
+    InspectStats,
+    Item,
+    _Decode,
+    _row,
+    _write_outputs,
+    build_summary,
+)
+
+log = logging.getLogger(__name__)
+TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".download", ".swp", "~")
+LOCK_NAME = ".watch.lock"
+SUMMARY_EVERY_S = 5.0  # summary.json is refreshed after a batch at most this often (and always on exit)
+_SLIM_KEYS = ("id", "status", "verdict", "score", "error", "source", "moved_to")
+
+
+class WatchError(RuntimeError):
+    """The watcher cannot start (bad folders, OUT in use by another watcher)."""
+
+
+def is_candidate(name: str) -> bool:
+    """True for names the watcher inspects: visible, not a temp/partial name, an image extension."""
+    low = name.lower()
+    return not name.startswith(".") and not low.endswith(TEMP_SUFFIXES) and low.endswith(IMAGE_EXTENSIONS)
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    """``a.nii.gz`` -> (``a``, ``.nii.gz``); ``a.png`` -> (``a``, ``.png``)."""
+    low = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext) :]
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+def unique_path(path: Path, sidecar: str = "") -> Path:
+    """``path`` if neither it nor ``path + sidecar`` exists, else ``stem~2.ext``, ``stem~3.ext``..."""
+    stem, ext = _split_ext(path.name)
+    cand, n = path, 1
+    while cand.exists() or (sidecar and cand.with_name(cand.name + sidecar).exists()):
+        n += 1
+        cand = path.with_name(f"{stem}~{n}{ext}")
+    return cand
+
+
+def move_no_clobber(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` (parents created) without replacing anything; across filesystems via a fsynced
+    temp copy renamed into place, then the source is removed. Raises FileExistsError if ``dst`` exists."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(f".{dst.name}.moving.tmp")
+    shutil.copy2(src, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if dst.exists():
+        tmp.unlink()
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    os.rename(tmp, dst)
+    src.unlink()
+
+
+def _slim(row: dict) -> dict:
+    """What the watcher keeps in memory per row (journal lookups, summary); full rows live on disk."""
+    return {k: row.get(k) for k in _SLIM_KEYS}
+
+
+def _sig(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a regular file, None if it is gone or not a regular file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _openable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class WatchOptions:
+    """How ``FolderWatcher`` polls, batches and where it moves files (None: ``OUT/done``, ``OUT/error``)."""
+
+    done: Path | None = None
+    error: Path | None = None
+    poll_s: float = 0.5
+    settle_s: float = 1.0
+    recursive: bool = True
+    batch_size: int = 16
+    once: bool = False
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    report: bool = True
+
+
+@dataclass
+class WatchStats:
+    """Counts for this run of the watcher (earlier runs' rows are not included)."""
+
+    files: int = 0  # files moved out of IN_DIR
+    rows: int = 0  # rows written
+    ok: int = 0
+    ng: int = 0
+    error: int = 0
+    recovered: int = 0  # files moved on the strength of an earlier run's rows (not inspected again)
+    batches: int = 0
+
+
+@dataclass
+class _Ready:
+    path: Path
+    rel: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.rel, self.size, self.mtime_ns
+
+
+@dataclass(eq=False)
+class _Job:
+    """One ready file, its items and their rows: from the journal (earlier runs) or inspected now."""
+
+    file: _Ready
+    base_id: str
+    items: list[Item]
+    journaled: dict[str, dict] = field(default_factory=dict)  # already in results.jsonl
+    new: dict[str, dict] = field(default_factory=dict)  # inspected in this pass, journaled by _finish
+    deferred: bool = False  # the file changed while being read: not finished in this pass
+
+    @property
+    def rows(self) -> list[dict]:
+        return [*self.journaled.values(), *self.new.values()]
+
+    @property
+    def complete(self) -> bool:
+        return not self.deferred and all(it.id in self.journaled or it.id in self.new for it in self.items)
+
+
+class FolderWatcher:
+    """Watches ``in_dir`` and inspects ready files with ``insp``; see the module docstring for the contract.
+
+    Use ``run(stop)`` (returns when ``stop`` is set, or after the first files with ``once``), or drive it with
+    ``poll()`` + ``process()`` and ``close()``. Not thread-safe; one watcher per ``out``.
+    """
+
+    def __init__(
+        self,
+        insp: Inspector,
+        in_dir: str | Path,
+        out: str | Path,
+        options: WatchOptions | None = None,
+        on_batch: Callable[[WatchStats], None] | None = None,
+    ) -> None:
+        self.insp, self.opt, self.on_batch = insp, options or WatchOptions(), on_batch
+        self.in_dir, self.out = Path(in_dir), Path(out)
+        if not self.in_dir.is_dir():
+            raise WatchError(f"watched folder not found: {self.in_dir}")
+        self.out = self.out.absolute()
+        self.done_dir = Path(self.opt.done).absolute() if self.opt.done else self.out / "done"
+        self.error_dir = Path(self.opt.error).absolute() if self.opt.error else self.out / "error"
+        root = self.in_dir.resolve()
+        for name, d in (("--out", self.out), ("--done", self.done_dir), ("--error", self.error_dir)):
+            r = d.resolve()
+            if r == root or root.is_relative_to(r):
+                raise WatchError(f"{name} {d} must not be the watched folder or contain it")
+        # inside the watched tree these folders are skipped by the scan
+        self._skip = {d.resolve() for d in (self.out, self.done_dir, self.error_dir)}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = _lock(self.out / LOCK_NAME)
+        self.writer = ResultsWriter(self.out, resume=True, fsync_every=1)  # repairs a torn last line
+        _fsync_dir(self.out)
+        self.rows = [_slim(r) for r in _read_jsonl(self.writer.jsonl_path)[0]]  # journal order
+        self.n_earlier = len(self.rows)
+        self._by_key: dict[tuple[str, int, int], dict[str, dict]] = {}
+        self._used_ids = {str(r["id"]).split("#slice=")[0] for r in self.rows}
+        for r in self.rows:
+            self._remember(r)
+        self._seen: dict[Path, tuple[int, int, float]] = {}
+        self._attempted: set[Path] = set()  # with ``once``: files _finish was called for
+        self._summary_at = 0.0
+        self.stats = WatchStats()
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self._t0 = time.perf_counter()
+        self._closed = False
+
+    # ---- journal -------------------------------------------------------------------------------------------
+    def _remember(self, row: dict) -> None:
+        src = row.get("source")
+        if isinstance(src, dict) and {"rel", "size", "mtime_ns"} <= src.keys():
+            key = (str(src["rel"]), int(src["size"]), int(src["mtime_ns"]))
+            self._by_key.setdefault(key, {})[str(row["id"])] = row
+
+    def _free_id(self, rel: str) -> str:
+        """``rel``, or ``rel~2``, ``rel~3``... if an earlier file used it (ids are reserved by _finish)."""
+        cand, n = rel, 1
+        while cand in self._used_ids:
+            n += 1
+            cand = f"{rel}~{n}"
+        return cand
+
+    # ---- scanning ------------------------------------------------------------------------------------------
+    def scan(self) -> Iterator[tuple[Path, str]]:
+        """Candidate files under the watched folder as (path, relative posix path), sorted by the latter."""
+        found: list[tuple[str, Path]] = []
+        for dirpath, dirnames, filenames in os.walk(self.in_dir):
+            subdirs = [d for d in dirnames if not d.startswith(".")] if self.opt.recursive else []
+            dirnames[:] = [d for d in subdirs if Path(dirpath, d).resolve() not in self._skip]
+            for f in filenames:
+                if is_candidate(f):
+                    p = Path(dirpath) / f
+                    found.append((p.relative_to(self.in_dir).as_posix(), p))
+        found.sort()
+        for rel, p in found:
+            yield p, rel
+
+    def poll(self) -> list[_Ready]:
+        """One polling pass: update each candidate's (size, mtime) history and return the ready ones."""
+        now = time.monotonic()
+        ready, present = [], set()
+        for path, rel in self.scan():
+            sig = _sig(path)
+            if sig is None:
+                continue
+            present.add(path)
+            prev = self._seen.get(path)
+            if prev is None or prev[:2] != sig:
+                self._seen[path] = (*sig, now)
+            elif now - prev[2] >= self.opt.settle_s and _openable(path):
+                ready.append(_Ready(path, rel, *sig))
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+        return ready
+
+    # ---- processing ----------------------------------------------------------------------------------------
+    def _job(self, f: _Ready) -> _Job:
+        known = self._by_key.get(f.key, {})
+        base = next(iter(known), None)
+        base = base.split("#slice=")[0] if base else self._free_id(f.rel)
+        n = 1
+        if f.rel.lower().endswith(VOLUME_SUFFIXES):
+            try:
+                n = count_slices(f.path)
+            except ImageReadError:
+                n = 1  # the reader reports the error on the item itself
+        if n <= 1:
+            items = [Item(f.path, base)]
+        else:
+            items = [Item(f.path, f"{base}#slice={k:04d}", k) for k in range(n)]
+        ids = {it.id for it in items}
+        return _Job(f, base, items, {i: r for i, r in known.items() if i in ids})
+
+    def process(self, ready: list[_Ready], stop: threading.Event | None = None) -> None:
+        """Inspect the ready files in batches of ``batch_size`` items, write their rows, move them.
+
+        Files whose rows are already in the journal are only moved. Stops between batches once ``stop`` is
+        set.
+        """
+        jobs = [self._job(f) for f in ready]
+        recovered = [job for job in jobs if job.complete]
+        for job in recovered:
+            self._finish(job, recovered=True)
+        todo = [(j, it) for j in jobs if not j.complete for it in j.items if it.id not in j.journaled]
+        bs = max(1, self.opt.batch_size)
+        for start in range(0, len(todo), bs):
+            if stop is not None and stop.is_set():
+                break
+            chunk = todo[start : start + bs]
+            self._inspect(chunk)
+            for job in dict.fromkeys(j for j, _ in chunk):
+                if job.complete:
+                    self._finish(job, recovered=False)
+            self.stats.batches += 1
+            self._after_batch()
+        if recovered and not todo:
+            self._after_batch()
+
+    def _after_batch(self) -> None:
+        if time.monotonic() - self._summary_at >= SUMMARY_EVERY_S:
+            self._summary_at = time.monotonic()
+            write_json_atomic(self.out / "summary.json", self._summary())
+        if self.on_batch:
+            self.on_batch(self.stats)
+
+    def _inspect(self, chunk: list[tuple[_Job, Item]]) -> None:
+        """Decode, predict and write the outputs of one batch of items; rows go into their jobs (not yet
+        into the journal)."""
+        insp = self.insp
+        dec = _Decode([it for _, it in chunk], insp)
+        decoded = [dec[i] for i in range(len(chunk))]
+        for (job, _), d in zip(chunk, decoded):
+            if d["error"] is not None and _sig(job.file.path) != (job.file.size, job.file.mtime_ns):
+                d["skip"] = True  # changed or vanished since it looked ready: not an error, look again later
+                self._seen.pop(job.file.path, None)
+                job.deferred = True
+        ok = [(k, d) for k, d in enumerate(decoded) if d["error"] is None and not d.get("skip")]
+        results: dict[int, Result] = {}
+        if ok:
+            args = [(chunk[k][1].id, d["chw"], d["meta"]) for k, d in ok]
+            try:
+                rs = insp.predict_arrays(args, keep_image=True, decode_ms=[d["ms"] for _, d in ok])
+                results = {k: r for (k, _), r in zip(ok, rs)}
+            except (RuntimeError, ValueError):  # e.g. out of memory: one by one
+                for (k, d), a in zip(ok, args):
+                    try:
+                        results[k] = insp.predict_arrays([a], keep_image=True)[0]
+                    except (RuntimeError, ValueError) as e:
+                        d["error"] = f"{chunk[k][1].path}: inspection failed: {e}"
+        vmax = 2.0 * insp.image_threshold if insp.image_threshold else None
+        for k, ((job, it), d) in enumerate(zip(chunk, decoded)):
+            if d.get("skip"):
+                continue
+            r, err, outputs = results.get(k), d["error"], {}
+            if r is not None:
+                try:
+                    outputs = _write_outputs(self.out, r, self.opt.outputs, vmax or max(r.score, 1e-6))
+                except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
+                    r, err = None, f"{it.path}: writing outputs failed: {e}"
+            row = _row(insp, it, r, err, outputs)
+            row["source"] = {"rel": job.file.rel, "size": job.file.size, "mtime_ns": job.file.mtime_ns}
+            job.new[it.id] = row
+
+    def _finish(self, job: _Job, recovered: bool) -> None:
+        """Journal the job's new rows (fsynced), then move the file to done/ or error/."""
+        f = job.file
+        if self.opt.once:
+            self._attempted.add(f.path)
+        self._used_ids.add(job.base_id)
+        failed = any(r.get("status") == "error" for r in job.rows)
+        base = self.error_dir if failed else self.done_dir
+        planned = next((r["moved_to"] for r in job.journaled.values() if r.get("moved_to")), None)
+        if planned:  # relative paths are relative to OUT
+            dst = self.out / planned
+        else:
+            dst = unique_path(base / f.rel, sidecar=".error.txt" if failed else "")
+        for r in job.new.values():
+            r["moved_to"] = dst.relative_to(self.out).as_posix() if dst.is_relative_to(self.out) else str(dst)
+            self.writer.write(r)  # flushed and fsynced (fsync_every=1) before the move below
+            self.rows.append(_slim(r))
+            self._remember(self.rows[-1])
+            self.stats.rows += 1
+            if r["status"] == "ok":
+                self.stats.ok += 1
+                self.stats.ng += r["verdict"] == "NG"
+            else:
+                self.stats.error += 1
+        if dst.exists():  # a crash after a cross-device copy, or someone else's file: never replace it
+            if _sig(dst) == (f.size, f.mtime_ns):
+                f.path.unlink(missing_ok=True)
+                self._moved(job, dst, recovered)
+                return
+            dst = unique_path(dst, sidecar=".error.txt" if failed else "")
+        try:
+            if failed:
+                errs = [f"{r['id']}: {r.get('error')}" for r in job.rows if r.get("error")]
+                reasons = "\n".join(errs)
+                text = f"{f.rel}\n{reasons}\nfailed at {dt.datetime.now().astimezone().isoformat()}\n"
+                atomic_write_bytes(dst.with_name(dst.name + ".error.txt"), text.encode("utf-8"))
+            move_no_clobber(f.path, dst)
+        except FileNotFoundError:
+            log.warning("%s vanished before it could be moved (its rows are in results.jsonl)", f.path)
+            return
+        except OSError as e:
+            log.error("cannot move %s to %s: %s (will retry)", f.path, dst, e)
+            return
+        self._moved(job, dst, recovered)
+
+    def _moved(self, job: _Job, dst: Path, recovered: bool) -> None:
+        self._seen.pop(job.file.path, None)
+        self.stats.files += 1
+        self.stats.recovered += recovered
+        log.info("%s -> %s%s", job.file.rel, dst, " (already inspected)" if recovered else "")
+
+    # ---- summary and lifecycle -----------------------------------------------------------------------------
+    def _summary(self) -> dict[str, Any]:
+        st = InspectStats(total=len(self.rows), done=len(self.rows), skipped=self.n_earlier,
+                          seconds=time.perf_counter() - self._t0)  # fmt: skip
+        summary = build_summary(self.insp, self.rows, st, self.started)
+        summary["watch"] = {"in_dir": str(self.in_dir), "done_dir": str(self.done_dir),
+                            "error_dir": str(self.error_dir), **vars(self.stats)}  # fmt: skip
+        return summary
+
+    def run(self, stop: threading.Event | None = None) -> WatchStats:
+        """Poll until ``stop`` is set; with ``once``, until every file present at the first poll has been
+        handled (or has vanished). Finishes the current batch before returning; then ``close()``."""
+        stop = stop or threading.Event()
+        initial: set[Path] | None = None
+        try:
+            while True:
+                ready = self.poll()
+                if initial is None:
+                    initial = set(self._seen)
+                if ready:
+                    self.process(ready, stop)
+                if stop.is_set():
+                    break
+                if self.opt.once and not {p for p in initial - self._attempted if p in self._seen}:
+                    break
+                if stop.wait(self.opt.poll_s):
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        """Rewrite results.jsonl/results.csv (journal order), summary.json and report.html; release OUT."""
+        if self._closed:
+            return
+        self._closed = True
+        rows = self.writer.finalize([str(r["id"]) for r in self.rows])
+        summary = self._summary()
+        write_json_atomic(self.out / "summary.json", summary)
+        if self.opt.report:
+            from imganom.reporting.html import write_report
+
+            write_report(self.out, rows, summary, title="imganom watch report")
+        _unlock(self._lock_fh)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _lock(path: Path) -> Any:
+    """An exclusive advisory lock (POSIX ``flock``; released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        return None
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise WatchError(f"{path.parent} is in use by another imganom watch") from None
+    return fh
+
+
+def _unlock(fh: Any) -> None:
+    if fh is not None:
+        fh.close()
