@@ -7,34 +7,18 @@ read-only by tests: copy the model file before changing its calibration.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import TINY_EPOCHS  # noqa: E402
 
 # At most 2 threads, fewer when OMP_NUM_THREADS says so: on a shared 2-core machine 2 threads made tiny
 # training steps 5-30x slower than 1 thread (spinning OpenMP workers competing with other processes).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
 
-TINY_EPOCHS = 4
-
-
-def cli_env() -> dict[str, str]:
-    """Environment for ``imganom`` subprocesses: quiet albumentations, few threads, no colour codes."""
-    env = dict(os.environ)
-    env.update(NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="200")
-    return env
-
-
-def imganom_cmd(*args: str) -> list[str]:
-    """The installed ``imganom`` console script next to this interpreter (falls back to ``-m``)."""
-    exe = Path(sys.executable).with_name("imganom")
-    if exe.is_file():
-        return [str(exe), *args]
-    return [sys.executable, "-m", "imganom.cli", *args]
 
 
 @pytest.fixture(scope="session")

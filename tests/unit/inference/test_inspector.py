@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, imganom_cmd
+from helpers import cli_env, imganom_cmd
 from PIL import Image
 
 from imganom.config import load_config

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PACKAGE
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -23,8 +24,6 @@ from imganom.formats.modelfile import (
     update_calibration,
 )
 from imganom.models.vae import ConvVAE, kl_divergence
-
-PACKAGE = Path(__file__).resolve().parent.parent / "imganom"
 
 
 def _mcfg(latent: str = "dense", **kw) -> ModelConfig:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from helpers import ROOT
 
 from imganom.data.synth import (
     DEFECTS,
@@ -20,8 +21,6 @@ from imganom.data.synth import (
     make_dataset,
     normal_image,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _hashes(root: Path) -> dict[str, str]:

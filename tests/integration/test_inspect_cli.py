@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from conftest import cli_env, imganom_cmd
+from helpers import cli_env, imganom_cmd
 
 from imganom.inference.inspector import Inspector
 from imganom.workflows.demo import WEIGHTS

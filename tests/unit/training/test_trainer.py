@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_EPOCHS, cli_env, imganom_cmd
+from helpers import TINY_EPOCHS, cli_env, imganom_cmd
 from safetensors.torch import load_file
 
 from imganom.config import CONFIG_DIR, AugmentConfig, load_config
