@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
 from PIL import Image
 
-from imganom.config import IntensityConfig
+from imganom.config import IntensityConfig, PreprocessConfig
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz",
@@ -110,6 +110,16 @@ def read_image(
     Volumes need ``slice_index``; ``max_pixels`` bounds H*W and is checked before pixel data is decoded.
     """
     return _read(_file_source(path), intensity, channels, channel_policy, max_pixels, slice_index)
+
+
+def read_options(pp: PreprocessConfig) -> dict[str, Any]:
+    """The ``read_image``/``read_image_bytes`` keywords a model's preprocessing asks for (one place)."""
+    return dict(
+        intensity=pp.intensity,
+        channels=pp.channels,
+        channel_policy=pp.channel_policy,
+        max_pixels=pp.max_pixels,
+    )
 
 
 def read_image_bytes(

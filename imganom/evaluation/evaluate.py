@@ -38,7 +38,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from imganom.data.discovery import MVTecItem, MVTecLayout, scan_mvtec
-from imganom.data.readers import ImageMeta, ImageReadError, read_image, to_uint8_preview
+from imganom.data.readers import ImageMeta, ImageReadError, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Result
 from imganom.ops.metrics import EvalAccumulator, _downsample
 from imganom.reporting.writers import encode_png, render_overlay
@@ -223,13 +223,7 @@ def _model_info(insp: Any) -> dict[str, Any]:
 
 
 def _read_kwargs(insp: Any) -> dict[str, Any]:
-    pp = insp.cfg.preprocess
-    return dict(
-        intensity=pp.intensity,
-        channels=pp.channels,
-        channel_policy=pp.channel_policy,
-        max_pixels=pp.max_pixels,
-    )
+    return read_options(insp.cfg.preprocess)
 
 
 def _predict(insp: Predictor, batch: list[dict], items: list[MVTecItem]) -> dict[int, Result]:
@@ -573,7 +567,7 @@ def write_evaluation_report(
             }
             for c in cases
         ]
-    from imganom import __version__
+    from imganom.utils.version import __version__
 
     html = (
         _env()

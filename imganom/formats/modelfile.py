@@ -54,7 +54,7 @@ class ModelMeta:
 def library_versions() -> dict[str, str]:
     import numpy
 
-    from imganom import __version__
+    from imganom.utils.version import __version__
 
     return {
         "imganom": __version__,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from imganom.config import Config
 from imganom.data.preprocess import Geometry, prepare, to_original
-from imganom.data.readers import ImageMeta, ImageReadError, normalize_intensity, read_image
+from imganom.data.readers import ImageMeta, ImageReadError, normalize_intensity, read_image, read_options
 from imganom.formats.modelfile import ModelMeta, load_model
 from imganom.inference.pipeline import (
     AdaptiveBatch,
@@ -223,13 +223,7 @@ class Inspector:
         """Decode a path / array / PIL image into the model's normalised CHW float32."""
         pp = self.cfg.preprocess
         if isinstance(x, (str, Path)):
-            return read_image(
-                x,
-                intensity=pp.intensity,
-                channels=pp.channels,
-                channel_policy=pp.channel_policy,
-                max_pixels=pp.max_pixels,
-            )
+            return read_image(x, **read_options(pp))
         name = name or "<array>"
         if hasattr(x, "mode") and hasattr(x, "size") and not isinstance(x, np.ndarray):  # PIL image
             x = np.asarray(x)

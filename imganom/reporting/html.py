@@ -18,8 +18,8 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
-from imganom import __version__
 from imganom.utils.files import atomic_write_bytes, to_jsonable
+from imganom.utils.version import __version__
 
 MAX_REGIONS_IN_REPORT = 50  # per row, for the lightbox table; keeps the embedded JSON small
 HIST_BINS = 40

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from imganom.data.readers import ImageMeta, ImageReadError, read_image_bytes, to_uint8_preview
+from imganom.data.readers import ImageMeta, ImageReadError, read_image_bytes, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
 from imganom.ops.postprocess import postprocess
 from imganom.ops.thresholds import normalize_score
@@ -629,10 +629,7 @@ class Service:
             return read_image_bytes(
                 data,
                 name,
-                intensity=pp.intensity,
-                channels=pp.channels,
-                channel_policy=pp.channel_policy,
-                max_pixels=self.max_pixels,
+                **{**read_options(pp), "max_pixels": self.max_pixels},
             )
         except ImageReadError as e:
             raise classify_read_error(e) from None
@@ -712,7 +709,7 @@ def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAP
         finally:
             await svc.stop()
 
-    from imganom import __version__
+    from imganom.utils.version import __version__
 
     app = FastAPI(
         title="imganom",

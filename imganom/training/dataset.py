@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from imganom.config import AugmentConfig, Config
 from imganom.data.preprocess import prepare
-from imganom.data.readers import ImageReadError, read_image
+from imganom.data.readers import ImageReadError, read_image, read_options
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,7 @@ class NormalImages(Dataset):
         self.skipped: list[str] = []
         for p, i in zip(paths, ids):
             try:
-                chw, _ = read_image(
-                    p,
-                    intensity=pp.intensity,
-                    channels=pp.channels,
-                    channel_policy=pp.channel_policy,
-                    max_pixels=pp.max_pixels,
-                )
+                chw, _ = read_image(p, **read_options(pp))
             except ImageReadError as e:
                 log.warning("skipping training image: %s", e)
                 self.skipped.append(str(e))

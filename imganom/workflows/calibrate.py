@@ -20,7 +20,7 @@ import torch
 
 from imganom.config import CalibrationConfig
 from imganom.data.preprocess import prepare
-from imganom.data.readers import ImageReadError, read_image
+from imganom.data.readers import ImageReadError, read_image, read_options
 from imganom.inference.inspector import Inspector
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
@@ -32,13 +32,7 @@ def _decoded(insp: Inspector, paths: Sequence[Path]):
     pp = insp.cfg.preprocess
     for p in paths:
         try:
-            chw, meta = read_image(
-                p,
-                intensity=pp.intensity,
-                channels=pp.channels,
-                channel_policy=pp.channel_policy,
-                max_pixels=pp.max_pixels,
-            )
+            chw, meta = read_image(p, **read_options(pp))
         except ImageReadError as e:
             log.warning("calibration: skipping %s", e)
             continue

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imganom.data.discovery import expand_inputs
-from imganom.data.readers import ImageReadError, count_slices, read_image, to_uint8_preview
+from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
 from imganom.reporting.writers import OutputOptions, ResultsWriter, write_item_outputs
 from imganom.utils.files import write_json_atomic
@@ -59,13 +59,7 @@ class _Decode(Dataset):
 
     def __init__(self, items: Sequence[Item], insp: Inspector):
         self.items = items
-        pp = insp.cfg.preprocess
-        self.kw = dict(
-            intensity=pp.intensity,
-            channels=pp.channels,
-            channel_policy=pp.channel_policy,
-            max_pixels=pp.max_pixels,
-        )
+        self.kw = read_options(insp.cfg.preprocess)
 
     def __len__(self) -> int:
         return len(self.items)
