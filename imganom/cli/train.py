@@ -1,0 +1,79 @@
+"""``imganom train``: train a VAE on normal images, then calibrate it on the held-out split."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from imganom.cli.common import EXIT_INTERRUPTED, console, fail, setup
+
+
+def _overrides(epochs: int | None, seed: int | None, precision: str | None, batch_size: int | None) -> dict:
+    t = {
+        k: v
+        for k, v in {"epochs": epochs, "seed": seed, "precision": precision, "batch_size": batch_size}.items()
+        if v is not None
+    }
+    return {"train": t} if t else {}
+
+
+def train(
+    data: Path = typer.Option(
+        ..., "--data", help="Folder of normal images, or an MVTec root (uses train/good)."
+    ),
+    config: str = typer.Option("default", "--config", "-c", help="Preset name or YAML path."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", help="Run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.safetensors."),
+    device: str = typer.Option("auto", "--device"),
+    precision: str | None = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16 (overrides config)."),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    seed: int | None = typer.Option(None, "--seed"),
+    calibrate_after: bool = typer.Option(
+        True, "--calibrate/--no-calibrate", help="Calibrate thresholds on the held-out normal split."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
+    setup(verbose)
+    from imganom.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, _overrides(epochs, seed, precision, batch_size))
+    except ConfigError as e:
+        fail(str(e))
+    # torch-heavy imports only once the config is valid: config errors are reported in well under a second
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.training.trainer import train as run_train
+    from imganom.workflows.calibrate import calibrate
+    try:
+        res = run_train(cfg, data, out, resume=resume, device=device, progress=sys.stderr.isatty())
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    console.print(
+        f"trained {res.epochs_run} epochs in {res.seconds:.1f}s, best val loss {res.best_val:.4f}"
+        + (" (early stop)" if res.stopped_early else "")
+    )
+    if res.interrupted:
+        console.print(f"interrupted: resume with  imganom train --data {data} --out {out} --resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if calibrate_after:
+        cal_paths = res.val_paths
+        if len(cal_paths) < 2:
+            console.print("[yellow]warning:[/yellow] no held-out split; calibrating on the training images")
+            from imganom.training.trainer import training_images
+
+            cal_paths = training_images(data)[0]
+        insp = Inspector.load(res.model_path, device=device)
+        cal, stats = calibrate(insp, cal_paths, stats_paths=res.train_paths or None)
+        update_calibration(res.model_path, cal, stats)
+        console.print(
+            f"calibrated on {cal['n_images']} held-out normal images: image threshold "
+            f"{cal['image_threshold']:.4g}, pixel threshold {cal['pixel_threshold']:.4g}"
+        )
+        if "warning" in cal["image_info"]:
+            console.print(f"[yellow]warning:[/yellow] {cal['image_info']['warning']}")
+    print(res.model_path)
