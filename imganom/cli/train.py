@@ -49,6 +49,7 @@ def train(
     from imganom.inference.inspector import Inspector
     from imganom.training.trainer import train as run_train
     from imganom.workflows.calibrate import calibrate
+
     try:
         res = run_train(cfg, data, out, resume=resume, device=device, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:
