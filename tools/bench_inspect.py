@@ -151,7 +151,7 @@ def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -
         encode_png,
         render_overlay,
     )
-    from imganom.workflows.inspect import Item, _row, _write_outputs
+    from imganom.workflows.inspect import Item, result_row, write_outputs
 
     insp = Inspector.load(model_path, device="cpu")
     pp = insp.cfg.preprocess
@@ -216,10 +216,10 @@ def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -
                 parts["preview_jpeg"] += time.perf_counter() - s
                 # the real thing: encode + atomic writes
                 s = time.perf_counter()
-                outputs = _write_outputs(out, r, options, vmax)
+                outputs = write_outputs(out, r, options)
                 t["write_outputs"] += time.perf_counter() - s
                 s = time.perf_counter()
-                writer.write(_row(insp, Item(p, p.name), r, None, outputs))
+                writer.write(result_row(insp, Item(p, p.name), r, None, outputs))
                 t["results_row"] += time.perf_counter() - s
     n = len(paths)
     res = {k: v * 1e3 / n for k, v in t.items()}

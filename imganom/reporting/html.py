@@ -94,8 +94,15 @@ def _histogram(rows: list[dict], threshold: float | None) -> dict | None:
             "ng_h": h_ng, "title": f"{x0:.4g} – {x0 + width:.4g}: {ok[b]} OK, {ng[b]} NG",
         })  # fmt: skip
     thr_x = None if threshold is None else 1000 * (threshold - lo) / (hi - lo)
-    return {"bars": bars, "lo": lo, "hi": hi, "peak": peak, "threshold": threshold, "thr_x": thr_x,
-            "base": HIST_BASE}
+    return {
+        "bars": bars,
+        "lo": lo,
+        "hi": hi,
+        "peak": peak,
+        "threshold": threshold,
+        "thr_x": thr_x,
+        "base": HIST_BASE,
+    }
 
 
 def _json_for_script(obj: Any) -> Markup:
@@ -117,6 +124,22 @@ def _env() -> jinja2.Environment:
     )
     env.filters["num"] = lambda v, fmt=".4g": "–" if _num(v) is None else format(float(v), fmt)
     return env
+
+
+def render_page(template: str, path: Path, **context: Any) -> Path:
+    """Render one of the package's report templates to ``path`` (atomically); ``version`` and ``generated``
+    (now, local time) are added to ``context``. Returns ``path``."""
+    html = (
+        _env()
+        .get_template(template)
+        .render(
+            **context,
+            version=__version__,
+            generated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        )
+    )
+    atomic_write_bytes(Path(path), html.encode("utf-8"))
+    return Path(path)
 
 
 def write_report(
@@ -143,25 +166,18 @@ def write_report(
     thresholds = summary.get("thresholds") or {}
     known = {"counts", "thresholds", "model", "throughput_img_s", "started", "finished"}
     extra = {k: v for k, v in summary.items() if k not in known and isinstance(v, (str, int, float, bool))}
-    html = (
-        _env()
-        .get_template("report.html.j2")
-        .render(
-            title=title,
-            counts=counts,
-            header_counts=header_counts,
-            thresholds=thresholds,
-            model=summary.get("model") or {},
-            throughput=summary.get("throughput_img_s"),
-            started=summary.get("started"),
-            finished=summary.get("finished"),
-            extra=extra,
-            hist=_histogram(ordered, _num(thresholds.get("image"))),
-            data=_json_for_script([_card_data(r) for r in ordered]),
-            version=__version__,
-            generated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        )
+    return render_page(
+        "report.html.j2",
+        out_dir / "report.html",
+        title=title,
+        counts=counts,
+        header_counts=header_counts,
+        thresholds=thresholds,
+        model=summary.get("model") or {},
+        throughput=summary.get("throughput_img_s"),
+        started=summary.get("started"),
+        finished=summary.get("finished"),
+        extra=extra,
+        hist=_histogram(ordered, _num(thresholds.get("image"))),
+        data=_json_for_script([_card_data(r) for r in ordered]),
     )
-    path = out_dir / "report.html"
-    atomic_write_bytes(path, html.encode("utf-8"))
-    return path

@@ -21,7 +21,7 @@ from typing import TextIO
 import cv2
 import numpy as np
 
-from imganom.utils.files import atomic_write_bytes, to_jsonable, write_json_atomic  # noqa: F401
+from imganom.utils.files import atomic_write_bytes, to_jsonable
 
 CSV_COLUMNS = (
     "id", "path", "status", "verdict", "score", "norm_score", "n_regions", "max_region_area",
@@ -175,6 +175,14 @@ def render_overlay(
     return out
 
 
+def heatmap_vmax(image_threshold: float | None, score: float) -> float:
+    """Top of a result's heatmap colour scale: twice the image threshold (so the threshold sits mid-scale
+    and images of one model compare at a glance), or the image's own score while uncalibrated."""
+    if image_threshold is not None and image_threshold > 0:
+        return 2.0 * float(image_threshold)
+    return max(float(score), 1e-6)
+
+
 def _downscale(img: np.ndarray, max_side: int) -> np.ndarray:
     h, w = img.shape[:2]
     if max_side <= 0 or max(h, w) <= max_side:
@@ -261,7 +269,7 @@ def _dumps_line(row: dict) -> str:
     return json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
+def read_jsonl(path: Path) -> tuple[list[dict], bool]:
     """Rows of a results.jsonl and whether it needs rewriting (truncated or unterminated last line).
 
     Only the last line may be damaged (a run killed mid-append); damage elsewhere raises ValueError.
@@ -306,7 +314,7 @@ class ResultsWriter:
         self.fsync_every = max(1, fsync_every)
         self.done_ids: set[str] = set()
         if resume:
-            rows, dirty = _read_jsonl(self.jsonl_path)
+            rows, dirty = read_jsonl(self.jsonl_path)
             if dirty:
                 atomic_write_bytes(self.jsonl_path, "".join(map(_dumps_line, rows)).encode(), fsync=True)
             self.done_ids = {str(r["id"]) for r in rows}
@@ -345,7 +353,7 @@ class ResultsWriter:
         Rows whose id is not in ``order`` are kept, after the ordered ones. Closes the writer.
         """
         self.close()
-        rows, _ = _read_jsonl(self.jsonl_path)
+        rows, _ = read_jsonl(self.jsonl_path)
         latest: dict[str, dict] = {}
         for r in rows:
             latest.pop(str(r["id"]), None)  # re-insert so unordered leftovers keep their last position

@@ -39,3 +39,7 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = False)
         return torch.bfloat16
     return None
 
+
+def precision_label(amp: torch.dtype | None) -> str:
+    """The ``--precision`` spelling of an autocast dtype: ``bf16``, ``fp16``, or ``fp32`` for None / other."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from imganom.data.discovery import expand_inputs
 from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
-from imganom.reporting.writers import OutputOptions, ResultsWriter, write_item_outputs
+from imganom.reporting.writers import OutputOptions, ResultsWriter, heatmap_vmax, write_item_outputs
+from imganom.utils.batching import batch_or_each
+from imganom.utils.device import precision_label
 from imganom.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -38,24 +40,28 @@ class Item:
     slice: int | None = None
 
 
+def file_items(path: Path, item_id: str) -> list[Item]:
+    """The items of one input file: one, or one per slice (ids ``ID#slice=0000``...) for a 3-D volume."""
+    if path.name.lower().endswith(VOLUME_SUFFIXES):
+        try:
+            n = count_slices(path)
+        except ImageReadError:
+            n = 1  # the reader reports the error on the item itself
+        if n > 1:
+            return [Item(path, f"{item_id}#slice={k:04d}", k) for k in range(n)]
+    return [Item(path, item_id)]
+
+
 def list_items(inputs: Sequence[str | Path], recursive: bool = True) -> list[Item]:
     """Expand folders / files / list files into items; 3-D NIfTI volumes become one item per slice."""
-    items = []
-    for path, item_id in expand_inputs(inputs, recursive=recursive):
-        if path.name.lower().endswith(VOLUME_SUFFIXES):
-            try:
-                n = count_slices(path)
-            except ImageReadError:
-                n = 1  # the reader reports the error on the item itself
-            if n > 1:
-                items.extend(Item(path, f"{item_id}#slice={k:04d}", k) for k in range(n))
-                continue
-        items.append(Item(path, item_id))
-    return items
+    return [
+        it for path, item_id in expand_inputs(inputs, recursive=recursive) for it in file_items(path, item_id)
+    ]
 
 
-class _Decode(Dataset):
-    """Decodes one item in a worker; never raises (errors travel as strings)."""
+class Decoder(Dataset):
+    """Decodes one item (in a DataLoader worker, or inline by indexing); never raises: a failure comes back
+    as an ``error`` string, so every item still gets its row."""
 
     def __init__(self, items: Sequence[Item], insp: Inspector):
         self.items = items
@@ -98,7 +104,10 @@ class InspectStats:
     seconds: float = 0.0
 
 
-def _row(insp: Inspector, it: Item, res: Result | None, error: str | None, outputs: dict[str, str]) -> dict:
+def result_row(
+    insp: Inspector, it: Item, res: Result | None, error: str | None, outputs: dict[str, str]
+) -> dict:
+    """The results.jsonl row of one item: its Result (``status`` ok) or its ``error`` (``status`` error)."""
     base = {
         "id": it.id,
         "path": str(it.path),
@@ -137,6 +146,31 @@ def _row(insp: Inspector, it: Item, res: Result | None, error: str | None, outpu
     }
 
 
+def predict_decoded(
+    insp: Inspector,
+    pairs: Sequence[tuple[Item, dict[str, Any]]],
+    batch: list[Result] | Exception | None = None,
+) -> list[Result | None]:
+    """Inspect decoded items (``Decoder`` outputs) as one batch, then one by one if the batch fails.
+
+    One entry per pair: its Result, or None where decoding or inspection failed (the reason is then in the
+    pair's ``error``). ``batch``: the batch's outcome when the caller already ran it (``predict_stream``).
+    """
+    live = [k for k, (_, d) in enumerate(pairs) if d["error"] is None]
+    args = [((pairs[k][0].id, pairs[k][1]["chw"], pairs[k][1]["meta"]), pairs[k][1]["ms"]) for k in live]
+
+    def run(xs: list[tuple[tuple, float]]) -> list[Result]:
+        return insp.predict_arrays([a for a, _ in xs], keep_image=True, decode_ms=[ms for _, ms in xs])
+
+    results: list[Result | None] = [None] * len(pairs)
+    for k, out in zip(live, batch_or_each(run, args, batch=batch) if live else []):
+        if isinstance(out, Exception):  # e.g. out of memory even alone
+            pairs[k][1]["error"] = f"{pairs[k][0].path}: inspection failed: {out}"
+        else:
+            results[k] = out
+    return results
+
+
 def run_inspect(
     insp: Inspector,
     inputs: Sequence[str | Path],
@@ -163,9 +197,8 @@ def run_inspect(
         todo = [i for i, it in enumerate(items) if it.id not in writer.done_ids]
         st.skipped = len(items) - len(todo)
         st.done = st.skipped
-        vmax = 2.0 * insp.image_threshold if insp.image_threshold else None
         loader = DataLoader(
-            _Decode([items[i] for i in todo], insp),
+            Decoder([items[i] for i in todo], insp),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
@@ -185,7 +218,7 @@ def run_inspect(
                     except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
                         log.error("writing outputs for %s failed: %s", it.id, e)
                         res, err = None, f"{it.path}: writing outputs failed: {e}"
-                writer.write(_row(insp, it, res, err, outputs))
+                writer.write(result_row(insp, it, res, err, outputs))
                 st.done += 1
                 if res is None:
                     st.error += 1
@@ -198,28 +231,17 @@ def run_inspect(
 
         def device_batches():  # decoded batches -> the inspector's device pipeline (one batch in flight)
             for batch in loader:
-                ok = [b for b in batch if b["error"] is None]
-                args = [(items[todo[b["i"]]].id, b["chw"], b["meta"]) for b in ok]
-                yield (batch, ok, args), args, [b["ms"] for b in ok]
+                pairs = [(items[todo[b["i"]]], b) for b in batch]
+                ok = [(it.id, b["chw"], b["meta"]) for it, b in pairs if b["error"] is None]
+                yield pairs, ok, [b["ms"] for _, b in pairs if b["error"] is None]
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             stream = insp.predict_stream(device_batches(), keep_image=True, errors="return")
-            for (batch, ok, args), rs in stream:
-                results: dict[int, Result] = {}
-                if not isinstance(rs, Exception):
-                    results = {b["i"]: r for b, r in zip(ok, rs)}
-                else:  # e.g. out of memory even after halving: retry one by one
-                    for b, a in zip(ok, args):
-                        try:
-                            results[b["i"]] = insp.predict_arrays([a], keep_image=True)[0]
-                        except (RuntimeError, ValueError) as e:
-                            b["error"] = f"{items[todo[b['i']]].path}: inspection failed: {e}"
-                for b in batch:
-                    it = items[todo[b["i"]]]
-                    r = results.get(b["i"])
+            for pairs, rs in stream:
+                for (it, b), r in zip(pairs, predict_decoded(insp, pairs, rs)):
                     fut = None
                     if r is not None and r.anomaly_map is not None:  # Inspector(maps="ng"): NG images only
-                        fut = pool.submit(_write_outputs, out, r, options, vmax or max(r.score, 1e-6))
+                        fut = pool.submit(write_outputs, out, r, options)
                     pending.append((it, r, b["error"], fut))
                 drain(block=len(pending) > 4 * batch_size)
             drain(block=True)
@@ -234,7 +256,10 @@ def run_inspect(
     return rows, summary
 
 
-def _write_outputs(out: Path, r: Result, options: OutputOptions, vmax: float) -> dict[str, str]:
+def write_outputs(out: Path, r: Result, options: OutputOptions) -> dict[str, str]:
+    """Write one result's mask, heatmap, overlay, preview (and raw map) under ``out``; frees ``r.image``.
+    Returns ``{kind: path relative to out}`` for its row."""
+    vmax = heatmap_vmax(r.thresholds["image"], r.score)
     preview = to_uint8_preview(r.image)
     paths = write_item_outputs(
         out,
@@ -285,7 +310,7 @@ def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: 
             "name": insp.cfg.name,
             "size": list(insp.cfg.preprocess.size),
             "device": str(insp.device),
-            "precision": str(insp.amp).replace("torch.", "") if insp.amp else "fp32",
+            "precision": precision_label(insp.amp),
         },
         "throughput_img_s": processed / st.seconds if st.seconds > 0 else None,
         "seconds": st.seconds,

@@ -37,18 +37,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imganom.data.readers import IMAGE_EXTENSIONS, ImageReadError, count_slices
-from imganom.inference.inspector import Inspector, Result
-from imganom.reporting.writers import OutputOptions, ResultsWriter, _read_jsonl
+from imganom.data.readers import IMAGE_EXTENSIONS
+from imganom.inference.inspector import Inspector
+from imganom.reporting.writers import OutputOptions, ResultsWriter, read_jsonl
 from imganom.utils.files import atomic_write_bytes, write_json_atomic
 from imganom.workflows.inspect import (
-    VOLUME_SUFFIXES,
+    Decoder,
     InspectStats,
     Item,
-    _Decode,
-    _row,
-    _write_outputs,
     build_summary,
+    file_items,
+    predict_decoded,
+    result_row,
+    write_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class FolderWatcher:
         self._lock_fh = _lock(self.out / LOCK_NAME)
         self.writer = ResultsWriter(self.out, resume=True, fsync_every=1)  # repairs a torn last line
         _fsync_dir(self.out)
-        self.rows = [_slim(r) for r in _read_jsonl(self.writer.jsonl_path)[0]]  # journal order
+        self.rows = [_slim(r) for r in read_jsonl(self.writer.jsonl_path)[0]]  # journal order
         self.n_earlier = len(self.rows)
         self._by_key: dict[tuple[str, int, int], dict[str, dict]] = {}
         self._used_ids = {str(r["id"]).split("#slice=")[0] for r in self.rows}
@@ -294,16 +295,7 @@ class FolderWatcher:
         known = self._by_key.get(f.key, {})
         base = next(iter(known), None)
         base = base.split("#slice=")[0] if base else self._free_id(f.rel)
-        n = 1
-        if f.rel.lower().endswith(VOLUME_SUFFIXES):
-            try:
-                n = count_slices(f.path)
-            except ImageReadError:
-                n = 1  # the reader reports the error on the item itself
-        if n <= 1:
-            items = [Item(f.path, base)]
-        else:
-            items = [Item(f.path, f"{base}#slice={k:04d}", k) for k in range(n)]
+        items = file_items(f.path, base)
         ids = {it.id for it in items}
         return _Job(f, base, items, {i: r for i, r in known.items() if i in ids})
 
@@ -342,38 +334,26 @@ class FolderWatcher:
     def _inspect(self, chunk: list[tuple[_Job, Item]]) -> None:
         """Decode, predict and write the outputs of one batch of items; rows go into their jobs (not yet
         into the journal)."""
-        insp = self.insp
-        dec = _Decode([it for _, it in chunk], insp)
+        dec = Decoder([it for _, it in chunk], self.insp)
         decoded = [dec[i] for i in range(len(chunk))]
-        for (job, _), d in zip(chunk, decoded):
+        live: list[tuple[_Job, Item, dict]] = []
+        for (job, it), d in zip(chunk, decoded):
             if d["error"] is not None and _sig(job.file.path) != (job.file.size, job.file.mtime_ns):
-                d["skip"] = True  # changed or vanished since it looked ready: not an error, look again later
-                self._seen.pop(job.file.path, None)
-                job.deferred = True
-        ok = [(k, d) for k, d in enumerate(decoded) if d["error"] is None and not d.get("skip")]
-        results: dict[int, Result] = {}
-        if ok:
-            args = [(chunk[k][1].id, d["chw"], d["meta"]) for k, d in ok]
-            try:
-                rs = insp.predict_arrays(args, keep_image=True, decode_ms=[d["ms"] for _, d in ok])
-                results = {k: r for (k, _), r in zip(ok, rs)}
-            except (RuntimeError, ValueError):  # e.g. out of memory: one by one
-                for (k, d), a in zip(ok, args):
-                    try:
-                        results[k] = insp.predict_arrays([a], keep_image=True)[0]
-                    except (RuntimeError, ValueError) as e:
-                        d["error"] = f"{chunk[k][1].path}: inspection failed: {e}"
-        vmax = 2.0 * insp.image_threshold if insp.image_threshold else None
-        for k, ((job, it), d) in enumerate(zip(chunk, decoded)):
-            if d.get("skip"):
-                continue
-            r, err, outputs = results.get(k), d["error"], {}
+                self._seen.pop(
+                    job.file.path, None
+                )  # changed or vanished since it looked ready: not an error,
+                job.deferred = True  # look again later
+            else:
+                live.append((job, it, d))
+        results = predict_decoded(self.insp, [(it, d) for _, it, d in live])
+        for (job, it, d), r in zip(live, results):
+            err, outputs = d["error"], {}
             if r is not None:
                 try:
-                    outputs = _write_outputs(self.out, r, self.opt.outputs, vmax or max(r.score, 1e-6))
+                    outputs = write_outputs(self.out, r, self.opt.outputs)
                 except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
                     r, err = None, f"{it.path}: writing outputs failed: {e}"
-            row = _row(insp, it, r, err, outputs)
+            row = result_row(self.insp, it, r, err, outputs)
             row["source"] = {"rel": job.file.rel, "size": job.file.size, "mtime_ns": job.file.mtime_ns}
             job.new[it.id] = row
 
