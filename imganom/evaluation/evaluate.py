@@ -21,14 +21,11 @@ Conventions
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import heapq
 import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,17 +35,18 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from imganom.data.discovery import MVTecItem, MVTecLayout, scan_mvtec
-from imganom.data.readers import ImageMeta, ImageReadError, read_image, read_options, to_uint8_preview
+from imganom.data.readers import ImageMeta, ImageReadError, read_image, read_options
+from imganom.evaluation.report import aupro_key, write_evaluation_report
+from imganom.evaluation.worst import WorstCases, thumb, write_worst
 from imganom.inference.inspector import Result
-from imganom.ops.metrics import EvalAccumulator, _downsample
-from imganom.reporting.writers import encode_png, render_overlay
+from imganom.ops.metrics import EvalAccumulator, downsample_curve
+from imganom.utils.batching import batch_or_each
+from imganom.utils.device import precision_label
 from imganom.utils.files import atomic_write_bytes, to_jsonable, write_json_atomic
 
 FPR_LIMIT = 0.3
-AUPRO_KEY = f"aupro_{FPR_LIMIT:g}"
+AUPRO_KEY = aupro_key(FPR_LIMIT)
 MASK_LEVEL = 127  # mask pixels > this are defect
-OVERLAY_SIDE = 320  # max side of the worst-case overlays
-GT_COLOUR = (40, 200, 255)  # ground-truth outline in the overlays (RGB)
 HISTOGRAM_RULE = "from the first (stratified) batch: [min(0, 1.5 * min), max(4 * pixel_threshold, 1.5 * max)]"
 
 
@@ -130,94 +128,17 @@ def histogram_range(pixel_threshold: float | None, lo_seen: float, hi_seen: floa
     return lo, hi
 
 
-# ------------------------------------------------------------------------------------------ worst cases
-
-
-@dataclass
-class _Thumb:
-    """A worst case shrunk to overlay size when it enters the heap; rendered only if it is still there at
-    the end (rendering at full size costs ~0.1 s per 1024 px image)."""
-
-    preview: np.ndarray  # HxWx3 uint8
-    amap: np.ndarray  # float32
-    mask: np.ndarray  # predicted, bool
-    gt: np.ndarray | None  # ground truth, bool
-    amax: float  # maximum of the full-resolution map
-
-
-def _thumb(r: Result, gt: np.ndarray | None) -> _Thumb:
-    h, w = r.anomaly_map.shape
-    f = min(1.0, OVERLAY_SIDE / max(h, w))
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-
-    def shrink(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a, dtype=np.float32)
-        return a if a.shape == (size[1], size[0]) else cv2.resize(a, size, interpolation=cv2.INTER_AREA)
-
-    if r.image is not None:
-        preview = to_uint8_preview(np.stack([shrink(c) for c in r.image[:3]]))
-    else:
-        preview = np.zeros((size[1], size[0], 3), np.uint8)
-    return _Thumb(
-        preview, shrink(r.anomaly_map), shrink(r.mask) > 0, None if gt is None else shrink(gt) > 0,
-        float(r.anomaly_map.max()),
-    )  # fmt: skip
-
-
-@dataclass(order=True)
-class _Case:
-    key: float  # heap key: the smallest key is evicted first
-    seq: int
-    info: dict[str, Any] = field(compare=False)
-    thumb: _Thumb = field(compare=False)
-
-
-class _Worst:
-    """The ``k`` cases with the largest ``key``, each with a small thumbnail for its overlay."""
-
-    def __init__(self, k: int):
-        self.k, self.heap, self._seq = k, [], 0
-
-    def wants(self, key: float) -> bool:
-        return self.k > 0 and (len(self.heap) < self.k or key > self.heap[0].key)
-
-    def push(self, key: float, info: dict[str, Any], thumb: _Thumb) -> None:
-        self._seq += 1
-        case = _Case(key, self._seq, info, thumb)
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, case)
-        else:
-            heapq.heapreplace(self.heap, case)
-
-    def sorted(self) -> list[_Case]:
-        return sorted(self.heap, reverse=True)
-
-
-def overlay_png(t: _Thumb, score: float, thr_p: float | None, flagged: bool) -> bytes:
-    """The overlay: map blended in, predicted regions outlined (red NG / green OK), ground truth in cyan."""
-    thr = thr_p if thr_p is not None else max(t.amax, 1e-6) / 2
-    ov = render_overlay(
-        t.preview, t.amap, t.mask, threshold=thr, vmax=max(2 * thr, t.amax),
-        score=score, verdict="NG" if flagged else "OK",
-    )  # fmt: skip
-    if t.gt is not None and t.gt.any():
-        contours, _ = cv2.findContours(t.gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(ov, contours, -1, GT_COLOUR, 1, cv2.LINE_AA)
-    return encode_png(ov)
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 
 
 def _model_info(insp: Any) -> dict[str, Any]:
     cfg = getattr(insp, "cfg", None)
-    amp = getattr(insp, "amp", None)
     return {
         "id": getattr(insp, "model_id", None),
         "name": getattr(cfg, "name", None),
         "size": list(cfg.preprocess.size) if cfg is not None else None,
         "device": str(getattr(insp, "device", "cpu")),
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": precision_label(getattr(insp, "amp", None)),
         "calibrated": getattr(insp, "image_threshold", None) is not None,
     }
 
@@ -230,18 +151,14 @@ def _predict(insp: Predictor, batch: list[dict], items: list[MVTecItem]) -> dict
     """Results by item index; a failing batch is retried image by image (errors recorded on the items)."""
     ok = [b for b in batch if b["error"] is None]
     args = [(items[b["i"]].id, b["chw"], b["meta"]) for b in ok]
-    if not ok:
-        return {}
-    try:
-        return {b["i"]: r for b, r in zip(ok, insp.predict_arrays(args, keep_image=True), strict=True)}
-    except (RuntimeError, ValueError):
-        out = {}
-        for b, a in zip(ok, args, strict=True):
-            try:
-                out[b["i"]] = insp.predict_arrays([a], keep_image=True)[0]
-            except (RuntimeError, ValueError) as e:
-                b["error"] = f"{items[b['i']].path}: inspection failed: {e}"
-        return out
+    outs = batch_or_each(lambda xs: insp.predict_arrays(xs, keep_image=True), args) if ok else []
+    results = {}
+    for b, r in zip(ok, outs, strict=True):
+        if isinstance(r, Exception):
+            b["error"] = f"{items[b['i']].path}: inspection failed: {r}"
+        else:
+            results[b["i"]] = r
+    return results
 
 
 def _image_curves(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -251,8 +168,8 @@ def _image_curves(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         return {"image_roc": None, "image_pr": None}
     fpr, tpr, _ = roc_curve(labels, scores)
     prec, rec, _ = precision_recall_curve(labels, scores)
-    x, y = _downsample(fpr, tpr)
-    r, p = _downsample(rec[::-1], prec[::-1])
+    x, y = downsample_curve(fpr, tpr)
+    r, p = downsample_curve(rec[::-1], prec[::-1])
     return {"image_roc": {"fpr": x, "tpr": y}, "image_pr": {"recall": r, "precision": p}}
 
 
@@ -298,7 +215,7 @@ def evaluate(
         prefetch_factor=2 if workers else None,
     )
     acc: EvalAccumulator | None = None
-    fps, fns = _Worst(worst), _Worst(worst)
+    fps, fns = WorstCases(worst), WorstCases(worst)
     rows: list[tuple[str, int, str, float]] = []  # id, label, type, score
     errors: list[dict[str, str]] = []
     resized, unreadable, empty, missing = [], [], [], set(layout.missing_masks)
@@ -343,7 +260,7 @@ def evaluate(
             heap, key = (fps, r.score) if it.label == 0 else (fns, -r.score)
             if heap.wants(key):
                 info = {"id": it.id, "defect_type": it.defect_type, "score": r.score, "flagged": flagged}
-                heap.push(key, info, _thumb(r, gt))
+                heap.push(key, info, thumb(r, gt))
         if on_progress:
             on_progress(done, len(items))
     seconds = time.perf_counter() - t0
@@ -381,16 +298,7 @@ def evaluate(
     if errors:
         warnings.append(f"{len(errors)} test image(s) could not be evaluated and are left out of all metrics")
 
-    for stale in (out / "worst").glob("false_*.png"):  # from an earlier run into the same folder
-        stale.unlink()
-    worst_out: dict[str, list[dict[str, Any]]] = {}
-    for name, heap in (("false_positives", fps), ("false_negatives", fns)):
-        worst_out[name] = []
-        for k, case in enumerate(heap.sorted(), 1):
-            rel = f"worst/{name}_{k:02d}.png"
-            png = overlay_png(case.thumb, case.info["score"], thr_p, case.info["flagged"])
-            atomic_write_bytes(out / rel, png)
-            worst_out[name].append({**case.info, "overlay": rel})
+    worst_out = write_worst(out, {"false_positives": fps, "false_negatives": fns}, thr_p)
 
     n_good = int((labels == 0).sum())
     metrics: dict[str, Any] = {
@@ -436,152 +344,3 @@ def _write_scores(path: Path, rows: list[tuple[str, int, str, float]], thr: floa
     for item_id, y, t, s in rows:
         w.writerow([item_id, y, t, repr(float(s)), "" if thr is None else int(s >= thr)])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-
-
-# ------------------------------------------------------------------------------------------- the report
-
-_BG, _FG, _MUTED, _GRID = "#171b21", "#e6e8eb", "#98a2ad", "#2a313b"
-_OK, _NG, _ACCENT, _THR = "#30a46c", "#e5484d", "#4c8dff", "#ffd166"
-
-
-def _figure():
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.6, 3.4), dpi=110, facecolor=_BG)
-    ax = fig.add_subplot()
-    ax.set_facecolor(_BG)
-    for s in ax.spines.values():
-        s.set_color(_GRID)
-    ax.tick_params(colors=_MUTED, labelsize=8)
-    ax.grid(True, color=_GRID, linewidth=0.6)
-    return fig, ax
-
-
-def _finish(fig, ax, title: str, xlabel: str, ylabel: str, legend: str = "lower right") -> str:
-    """Label the axes and return the figure as a base64 PNG data URI."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    ax.set_title(title, color=_FG, fontsize=10)
-    ax.set_xlabel(xlabel, color=_MUTED, fontsize=9)
-    ax.set_ylabel(ylabel, color=_MUTED, fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, facecolor=_BG, edgecolor=_GRID, labelcolor=_FG, loc=legend)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _unavailable(ax, why: str) -> None:
-    ax.text(
-        0.5, 0.5, f"not available:\n{why}", color=_MUTED, ha="center", va="center", transform=ax.transAxes
-    )
-
-
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "–" if v is None else format(float(v), spec)
-
-
-def _plots(m: dict[str, Any], scores: np.ndarray, labels: np.ndarray) -> dict[str, str]:
-    c, reasons = m["curves"], m["reasons"]
-    plots = {}
-
-    fig, ax = _figure()
-    ax.plot([0, 1], [0, 1], color=_GRID, linestyle=":")
-    if c["image_roc"]:
-        ax.plot(c["image_roc"]["fpr"], c["image_roc"]["tpr"], color=_ACCENT,
-                label=f"image AUROC {_fmt(m['image']['auroc'])}")  # fmt: skip
-    if c["pixel_roc"]:
-        ax.plot(c["pixel_roc"]["fpr"], c["pixel_roc"]["tpr"], color=_THR, linestyle="--",
-                label=f"pixel AUROC {_fmt(m['pixel']['auroc'])}")  # fmt: skip
-    if not (c["image_roc"] or c["pixel_roc"]):
-        _unavailable(ax, reasons["image"].get("auroc", ""))
-    plots["roc"] = _finish(fig, ax, "ROC", "false positive rate", "true positive rate")
-
-    fig, ax = _figure()
-    if c["image_pr"]:
-        prevalence = float(labels.mean())
-        ax.axhline(prevalence, color=_GRID, linestyle=":")
-        ax.plot(c["image_pr"]["recall"], c["image_pr"]["precision"], color=_ACCENT,
-                label=f"AP {_fmt(m['image']['ap'])}")  # fmt: skip
-        ax.set_ylim(0, 1.02)
-    else:
-        _unavailable(ax, reasons["image"].get("ap", ""))
-    plots["pr"] = _finish(fig, ax, "Precision-recall (image level)", "recall", "precision")
-
-    fig, ax = _figure()
-    thr = m["threshold"]["image"]
-    lo, hi = float(scores.min()), float(scores.max())
-    if thr is not None:
-        lo, hi = min(lo, thr), max(hi, thr)
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
-    for y, colour, name in ((0, _OK, "good"), (1, _NG, "anomalous")):
-        if (labels == y).any():
-            ax.hist(
-                scores[labels == y],
-                bins=edges,
-                color=colour,
-                alpha=0.7,
-                label=f"{name} ({(labels == y).sum()})",
-            )
-    if thr is not None:
-        ax.axvline(thr, color=_THR, linestyle="--", label=f"threshold {thr:.4g}")
-    plots["hist"] = _finish(fig, ax, "Image scores", "score", "images", legend="upper right")
-
-    fig, ax = _figure()
-    if c["pro"]:
-        ax.plot(
-            c["pro"]["fpr"],
-            c["pro"]["pro"],
-            color=_ACCENT,
-            label=f"AUPRO@{FPR_LIMIT:g} {_fmt(m['pixel'][AUPRO_KEY])}",
-        )
-        ax.set_xlim(0, FPR_LIMIT)
-        ax.set_ylim(0, 1.02)
-    else:
-        _unavailable(ax, reasons["pixel"].get(AUPRO_KEY, ""))
-    plots["pro"] = _finish(
-        fig, ax, f"Per-region overlap up to FPR {FPR_LIMIT:g}", "pixel false positive rate", "PRO"
-    )
-    return plots
-
-
-def write_evaluation_report(
-    out: str | Path,
-    metrics: dict[str, Any],
-    scores: np.ndarray,
-    labels: np.ndarray,
-    title: str = "imganom evaluation",
-) -> Path:
-    """Render ``out/report.html`` (self-contained: plots and worst-case overlays embedded as base64 PNG)."""
-    from imganom.reporting.html import _env
-
-    out = Path(out)
-    worst = {}
-    for name, cases in metrics["worst"].items():
-        worst[name] = [
-            {
-                **c,
-                "src": "data:image/png;base64,"
-                + base64.b64encode((out / c["overlay"]).read_bytes()).decode(),
-            }
-            for c in cases
-        ]
-    from imganom.utils.version import __version__
-
-    html = (
-        _env()
-        .get_template("evaluate.html.j2")
-        .render(
-            title=title,
-            m=metrics,
-            plots=_plots(metrics, scores, labels),
-            worst=worst,
-            aupro_key=AUPRO_KEY,
-            version=__version__,
-            generated=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        )
-    )
-    path = out / "report.html"
-    atomic_write_bytes(path, html.encode("utf-8"))
-    return path

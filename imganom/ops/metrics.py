@@ -51,7 +51,7 @@ def _truncate(x: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, n
     return xs, ys
 
 
-def _downsample(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[list[float], list[float]]:
+def downsample_curve(x: np.ndarray, y: np.ndarray, n: int = CURVE_POINTS) -> tuple[list[float], list[float]]:
     """At most ``n`` points spread evenly along the curve's length, first and last kept (for plotting)."""
     if len(x) > n:
         s = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(x), np.diff(y)))])
@@ -289,7 +289,7 @@ class PixelMetrics:
         if n_pos and n_neg:
             fpr, tpr = roc_points(self.pos_hist, self.neg_hist)
             out["auroc"] = _trapezoid(fpr, tpr)
-            x, y = _downsample(fpr, tpr)
+            x, y = downsample_curve(fpr, tpr)
             out["roc_curve"] = {"fpr": x, "tpr": y}
             tp, fp = tpr * n_pos, fpr * n_neg
             f1 = 2 * tp / (tp + fp + n_pos)  # 2TP / (2TP + FP + FN)
@@ -304,7 +304,7 @@ class PixelMetrics:
             pro = np.concatenate([[0.0], np.cumsum(self.overlap_hist[::-1])]) / self.n_regions
             xs, ys = _truncate(fpr, pro, fpr_limit)
             out[key] = _trapezoid(xs, ys) / fpr_limit
-            x, y = _downsample(xs, ys)
+            x, y = downsample_curve(xs, ys)
             out["pro_curve"] = {"fpr": x, "pro": y}
         else:
             why = "no normal pixels" if self.n_regions else "no anomalous regions"
