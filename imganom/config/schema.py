@@ -47,6 +47,7 @@ class PreprocessConfig(_Strict):
     resize: Literal["stretch", "letterbox", "tile"] = "stretch"
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     max_pixels: int = Field(200_000_000, ge=1)  # refuse larger images (decompression bombs)
+    max_bytes: int = Field(128 * 2**20, ge=1)  # refuse larger decoded images: H*W*channels*bytes/sample
     channel_policy: Literal["strict", "convert"] = "convert"  # convert: gray<->RGB, drop alpha
 
     @field_validator("size")

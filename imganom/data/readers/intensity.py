@@ -1,0 +1,65 @@
+"""Raw pixel values -> float32 in [0, 1] (``normalize_intensity``), and back to 8-bit RGB for previews."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imganom.config import IntensityConfig
+
+PERCENTILE_SAMPLE = 1 << 24  # percentiles of larger images use an evenly strided sample of this size
+
+
+def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) -> np.ndarray:
+    """Map raw pixel values to float32 in [0, 1] according to ``cfg.mode``.
+
+    'dtype': unsigned ints / dtype max, floats kept if already in [0, 1] else min-max, signed ints min-max.
+    'percentile': window [p_low, p_high] computed per image over all channels together (keeps the colour
+    balance). 'fixed': window [low, high] in raw units. Flat images give zeros. ``dtype`` selects the 'dtype'
+    rule (pass the stored dtype); NaN/Inf values raise ``ValueError``.
+    """
+    dt = np.dtype(dtype)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise ValueError(f"unsupported pixel dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError("contains NaN/Inf pixel values")
+    if cfg.mode == "fixed":
+        return window(arr, cfg.low, cfg.high)
+    if cfg.mode == "percentile":
+        flat = arr.reshape(-1)
+        if flat.size > PERCENTILE_SAMPLE:
+            flat = flat[:: -(-flat.size // PERCENTILE_SAMPLE)]
+        lo, hi = np.percentile(flat, [cfg.low, cfg.high])
+        return window(arr, float(lo), float(hi))
+    if dt.kind == "b":
+        return arr.astype(np.float32)
+    if dt.kind == "u":
+        return window(arr, 0.0, float(np.iinfo(dt).max))
+    lo, hi = float(arr.min()), float(arr.max())
+    if dt.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return arr.astype(np.float32)
+    return window(arr, lo, hi)
+
+
+def window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(x - lo) / (hi - lo) clipped to [0, 1] as float32; a degenerate window thresholds at lo (flat -> 0)."""
+    x = arr.astype(np.float32)
+    if hi > lo:
+        x -= np.float32(lo)
+        x /= np.float32(hi - lo)
+        np.clip(x, 0.0, 1.0, out=x)
+        return x
+    return (x > lo).astype(np.float32)
+
+
+def to_uint8_preview(chw: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB for overlays: 1-2 channels show the first as gray, 3+ channels show the first three."""
+    a = np.asarray(chw, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise ValueError(f"expected a CHW or HW array, got shape {a.shape}")
+    a = a[:3] if a.shape[0] >= 3 else np.repeat(a[:1], 3, axis=0)
+    a = np.clip(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return np.ascontiguousarray((a * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0))

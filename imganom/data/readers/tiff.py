@@ -1,0 +1,105 @@
+"""TIFF through tifffile: one 2-D image with up to ``MAX_PLANES`` channels (samples, planes or pages).
+
+The byte budget covers the whole first series (every plane) and is checked before any strip is decoded.
+Without ``imagecodecs``, tifffile's own zlib/deflate/LZMA decoders inflate a strip to whatever size its data
+asks for, so a few KB can claim gigabytes inside a tiny image; they are replaced here by decoders that stop
+at the strip's expected size. Codecs that need ``imagecodecs`` when it is absent are an ``ImageReadError``.
+"""
+
+from __future__ import annotations
+
+import lzma
+import zlib
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import numpy as np
+import tifffile
+
+from imganom.data.readers.base import (
+    MAX_PLANES,
+    Decoded,
+    ImageReader,
+    ImageReadError,
+    Limits,
+    Source,
+    one_slice,
+    register,
+)
+
+
+def _bounded(make: Callable[[], Any]) -> Callable[..., bytes]:
+    """A tifffile decoder that returns at most ``out`` bytes (the size tifffile expects for the strip)."""
+
+    def decode(data: bytes, /, *, out: Any = None) -> bytes:
+        bound = out if isinstance(out, int) and out > 0 else 0  # 0: no bound
+        return make().decompress(bytes(data), bound)
+
+    return decode
+
+
+def _bound_fallback_codecs() -> None:
+    """Install the bounded decoders where tifffile would use its unbounded pure-Python fallbacks."""
+    try:
+        import imagecodecs  # noqa: F401  - its decoders honour ``out``
+
+        return
+    except ImportError:
+        pass
+    codecs = getattr(tifffile.TIFF.DECOMPRESSORS, "_codecs", None)
+    if isinstance(codecs, dict):
+        inflate = _bounded(zlib.decompressobj)
+        codecs.update({8: inflate, 32946: inflate, 34925: _bounded(lzma.LZMADecompressor)})
+
+
+_bound_fallback_codecs()
+
+
+def _layout(name: str, series: Any) -> tuple[tuple[int, ...], int | None]:
+    """The series shape without unit axes, and which axis holds the channels (None: a 2-D image)."""
+    dims = [(n, a) for n, a in zip(series.shape, series.axes, strict=True) if n != 1 or a in "YX"]
+    shape, axes = tuple(n for n, _ in dims), "".join(a for _, a in dims)
+    if len(shape) == 2:
+        return shape, None
+    if len(shape) == 3:
+        a, _, c = shape
+        if "S" in axes:
+            return shape, axes.index("S")  # samples per pixel: the layout is explicit
+        if c <= 4 or c <= MAX_PLANES < a:
+            return shape, 2  # H x W x C
+        if a <= MAX_PLANES:
+            return shape, 0  # C x H x W (planar / page stack)
+        raise ImageReadError(
+            name, f"TIFF of shape {shape} (axes {axes}) is a stack of images; only single 2-D images "
+            f"with up to {MAX_PLANES} channels/pages are supported")  # fmt: skip
+    raise ImageReadError(name, f"unsupported TIFF layout: shape {shape}, axes {axes}")
+
+
+@register
+class TiffReader(ImageReader):
+    fmt, label, suffixes = "tiff", "TIFF", (".tif", ".tiff")
+
+    def sniff(self, head: bytes) -> bool:
+        return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+        tif = tifffile.TiffFile(fh)
+        if not tif.series:
+            raise ImageReadError(src.name, "corrupt TIFF: no readable image pages")
+        series = tif.series[0]
+        shape, chan = _layout(src.name, series)
+        h, w = (n for i, n in enumerate(shape) if i != chan)
+        key = series.keyframe
+        nchan = 1 if chan is None else shape[chan]
+        alpha = nchan in (2, 4) and (
+            any(int(e) in (1, 2) for e in key.extrasamples) or (nchan == 4 and key.photometric == 2)
+        )
+
+        def read() -> np.ndarray:
+            arr = series.asarray().reshape(shape)
+            return arr if chan is None else np.moveaxis(arr, chan, -1)
+
+        return Decoded(
+            "tiff", (h, w), 1, one_slice(read),
+            channels=nchan, itemsize=np.dtype(series.dtype).itemsize, has_alpha=alpha,
+        )  # fmt: skip
