@@ -1,7 +1,10 @@
 """Dataset discovery: find image files, scan MVTec-style layouts, split train/val, expand CLI inputs.
 
-Item ids are posix paths relative to a root, so equal file names in different folders never collide.
-Nothing here decodes pixels; readers live in ``imganom.data.readers``.
+Item ids are posix paths relative to a root, so equal file names in different folders never collide; file-name
+bytes that are not UTF-8 appear in ids as ``\\xNN`` (``names.printable``), the paths themselves open the file.
+Nothing is dropped silently: entries that cannot be inspected (dangling symlinks, symlink loops, folders that
+cannot be listed, folder links back into their own ancestors) are listed, and the reader names the cause when
+one is opened. Nothing here decodes pixels; readers live in ``imganom.data.readers``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from imganom.data.names import printable
 from imganom.data.readers import IMAGE_EXTENSIONS
 
 T = TypeVar("T")
@@ -43,6 +47,10 @@ def find_images(
     """Image files under ``root`` sorted by relative posix path; hidden files and folders are skipped.
 
     Extensions compare case-insensitively (``.PNG`` matches) and may be given with or without the dot.
+    Symlinked folders are followed once (a folder reached twice is walked once). Listed too, so that they
+    become error rows rather than vanish: entries with an image extension that are not readable files
+    (dangling symlinks, symlink loops, special files), folders that cannot be listed (``root`` itself
+    included) and folder links pointing back to a folder that contains them (a loop, not followed).
     """
     root = Path(root)
     if not root.exists():
@@ -50,28 +58,75 @@ def find_images(
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
     exts = _norm_exts(extensions)
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
-        for f in filenames:
-            p = Path(dirpath) / f
-            if not f.startswith(".") and _has_ext(f, exts) and p.is_file():
-                found.append((p.relative_to(root).as_posix(), p))
-    found.sort(key=lambda t: t[0])
-    return [p for _, p in found]
+    found: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(folder: Path, chain: frozenset[tuple[int, int]]) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            found.append(folder)  # unreadable: the reader says why
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = folder / e.name
+            if not e.is_dir():
+                if _has_ext(e.name, exts):
+                    found.append(p)
+                continue
+            if not recursive:
+                continue
+            key = _dir_key(p)
+            if key is None or key in chain:
+                found.append(p)  # vanished while listing, or a link back into its own ancestors
+            elif key not in visited:
+                visited.add(key)
+                walk(p, chain | {key})
+
+    top = _dir_key(root)
+    visited.add(top or (-1, -1))
+    walk(root, frozenset({top or (-1, -1)}))
+    found.sort(key=lambda q: _rel_posix(q, root))
+    return found
+
+
+def _dir_key(p: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``p`` leads to, following links; None when it cannot be read."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _rel_posix(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def _resolved(p: Path) -> Path:
+    """``p.resolve()``, or its absolute form when it cannot be resolved (a symlink loop)."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return p.absolute()
 
 
 def relative_id(path: str | Path, root: str | Path) -> str:
-    """Posix path of ``path`` relative to ``root`` (the item id)."""
+    """Posix path of ``path`` relative to ``root`` (the item id), printable (see ``names.printable``)."""
     path, root = Path(path), Path(root)
     try:
-        return path.relative_to(root).as_posix()
+        return printable(path.relative_to(root).as_posix())
     except ValueError:
         pass
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return printable(_resolved(path).relative_to(_resolved(root)).as_posix())
     except ValueError:
-        raise ValueError(f"{path} is not inside {root}") from None
+        raise ValueError(printable(f"{path} is not inside {root}")) from None
 
 
 @dataclass
@@ -151,13 +206,15 @@ def train_val_split(paths: Sequence[T], val_fraction: float, seed: int) -> tuple
 
 
 def _read_list(list_file: Path) -> list[tuple[Path, str]]:
-    """(path, id) per non-empty, non-comment line; relative paths resolve against the list's folder."""
+    """(path, id) per non-empty, non-comment line; relative paths resolve against the list's folder.
+
+    Lines are file-name bytes: what is not UTF-8 still names the file (``surrogateescape``)."""
     out = []
-    for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+    for line in list_file.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines():
         text = line.strip()
         if text and not text.startswith("#"):
             p = Path(text)
-            out.append((p if p.is_absolute() else list_file.parent / p, text))
+            out.append((p if p.is_absolute() else list_file.parent / p, printable(text)))
     return out
 
 
@@ -166,8 +223,9 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = True) -> li
 
     Folder images get ids relative to the folder, prefixed by the folder name when several inputs are given;
     a file's id is its name; a listed file's id is the line as written. Explicit files are kept whatever their
-    extension (the reader reports problems). Duplicates (same resolved path) are dropped; ids that would still
-    collide get a ``~2``, ``~3`` ... suffix. Missing paths raise ``FileNotFoundError`` naming all of them.
+    extension, and so are dangling symlinks and symlink loops (the reader reports the problem). Duplicates
+    (same resolved path) are dropped; ids that would still collide get a ``~2``, ``~3`` ... suffix. Paths
+    that do not exist at all raise ``FileNotFoundError`` naming all of them. Ids are printable text.
     """
     multi = len(inputs) > 1
     pairs: list[tuple[Path, str]] = []
@@ -176,32 +234,35 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = True) -> li
     def add_folder(folder: Path, prefix: str) -> None:
         for p in find_images(folder, recursive=recursive):
             rel = relative_id(p, folder)
-            pairs.append((p, f"{prefix}/{rel}" if prefix else rel))
+            if rel == ".":  # the folder itself cannot be listed: one item names it
+                pairs.append((p, prefix or printable(_resolved(folder).name or "root")))
+            else:
+                pairs.append((p, f"{prefix}/{rel}" if prefix else rel))
 
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            add_folder(p, (p.resolve().name or "root") if multi else "")
+            add_folder(p, printable(_resolved(p).name or "root") if multi else "")
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             for q, text in _read_list(p):
                 if q.is_dir():
                     add_folder(q, text.rstrip("/"))
-                elif q.is_file():
+                elif os.path.lexists(q):
                     pairs.append((q, text))
                 else:
                     missing.append(f"{q} (listed in {p})")
-        elif p.is_file():
-            pairs.append((p, p.name))
+        elif os.path.lexists(p):
+            pairs.append((p, printable(p.name)))
         else:
             missing.append(str(p))
     if missing:
-        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
+        raise FileNotFoundError(printable(f"input(s) not found: {', '.join(missing)}"))
 
     out: list[tuple[Path, str]] = []
     seen_paths: set[Path] = set()
     used: set[str] = set()
     for p, item_id in pairs:
-        key = p.resolve()
+        key = _resolved(p)
         if key in seen_paths:
             continue
         seen_paths.add(key)

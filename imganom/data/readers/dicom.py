@@ -112,6 +112,7 @@ class DicomReader(ImageReader):
             check_claim(name, f"{frames} frame(s) of {rows}x{cols}x{spp} at {bits} bits", need, held)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        rescaled = (slope, intercept) != (1.0, 0.0)
         if not (math.isfinite(slope) and math.isfinite(intercept)):
             raise ImageReadError(name, f"DICOM rescale is not finite (RescaleSlope={slope}, "
                                  f"RescaleIntercept={intercept})")  # fmt: skip
@@ -125,7 +126,7 @@ class DicomReader(ImageReader):
                     f"DICOM VOI window cannot be used (WindowCenter={c}, WindowWidth={w}: needs finite "
                     "values and a width >= 1); fix the header or use intensity mode 'percentile' or 'fixed'"
                 )
-        elif tag == "PixelData" and not int(ds.get("PixelRepresentation", 0)) and (slope, intercept) == (1, 0):
+        elif tag == "PixelData" and not int(ds.get("PixelRepresentation", 0)) and not rescaled:
             window = (0.0, float(2 ** int(ds.get("BitsStored", bits)) - 1))  # e.g. 12-bit
         index = (lambda k: k) if frames > 1 else (lambda k: None)
 
@@ -142,7 +143,7 @@ class DicomReader(ImageReader):
                     f"{type(e).__name__}: {e}{hint}") from e  # fmt: skip
             stored = px.dtype.name
             px = px.reshape(rows, cols, spp)
-            if (slope, intercept) != (1.0, 0.0):
+            if rescaled:
                 px = px.astype(np.float64) * slope + intercept
             return px, stored
 
