@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NoReturn
+import sys
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,4 +25,19 @@ def setup(verbose: bool = False) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+
+
+def progress_bar(label: str, *columns: Any) -> Any:
+    """A rich progress bar on stderr (label, bar, done/total, ``columns``, elapsed), drawn only on a TTY."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
     )

@@ -6,97 +6,101 @@ and exit 0.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
+from imganom.cli.common import console, fail, setup
+from imganom.cli.options import (
+    DeviceOpt,
+    ImageThresholdOpt,
+    ModelOpt,
+    PixelThresholdOpt,
+    PrecisionOpt,
+    RoiOpt,
+    ThresholdSourceOpt,
+    load_model,
+)
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def serve(
-        model: Path = typer.Option(..., "--model", "-m", help="Model file or run directory (calibrated)."),
-        host: str = typer.Option(
-            "127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes it to the network)."
-        ),
-        port: int = typer.Option(8000, "--port", min=1, max=65535),
-        max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most images per device batch."),
-        max_wait_ms: float = typer.Option(
-            5.0, "--max-wait-ms", min=0.0, help="How long a batch waits for more images."
-        ),
-        max_queue: int = typer.Option(
-            256, "--max-queue", min=1, help="Decoded images waiting for the device; beyond it: 503."
-        ),
-        max_body_mb: float = typer.Option(50.0, "--max-body-mb", min=0.001, help="Request body limit (413)."),
-        max_pixels: int | None = typer.Option(
-            None, "--max-pixels", min=1, help="Image size limit H*W (413); default: the model's."
-        ),
-        timeout_s: float = typer.Option(30.0, "--timeout-s", min=0.001, help="Per-request time limit (504)."),
-        device: str = typer.Option("auto", "--device"),
-        precision: str = typer.Option("auto", "--precision", help="auto|fp32|bf16|fp16"),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Info logging and an access log."),
-    ) -> None:
-        """Serve POST /v1/inspect (+ /healthz, /readyz, /v1/model, /metrics) with micro-batching."""
-        import logging
-        import signal
 
-        from rich.console import Console
+def serve(
+    model: ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most images per device batch."),
+    max_wait_ms: float = typer.Option(
+        5.0, "--max-wait-ms", min=0.0, help="How long a batch waits for more images."
+    ),
+    max_queue: int = typer.Option(
+        256, "--max-queue", min=1, help="Decoded images waiting for the device; beyond it: 503."
+    ),
+    max_body_mb: float = typer.Option(50.0, "--max-body-mb", min=0.001, help="Request body limit (413)."),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", min=1, help="Image size limit H*W (413); default: the model's."
+    ),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", min=0.001, help="Per-request time limit (504)."),
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    image_threshold: ImageThresholdOpt = None,
+    pixel_threshold: PixelThresholdOpt = None,
+    threshold_source: ThresholdSourceOpt = "normal",
+    roi: RoiOpt = None,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Info logging and an access log."),
+) -> None:
+    """Serve POST /v1/inspect (+ /healthz, /readyz, /v1/model, /metrics) with micro-batching."""
+    import signal
 
-        console = Console(stderr=True)
+    setup(verbose)
+    try:
+        import uvicorn
 
-        def fail(msg: str) -> None:
-            console.print(f"[red]error:[/red] {msg}")
-            raise typer.Exit(2)
-
-        logging.basicConfig(
-            level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+        from imganom.serve.app import ServeSettings, create_app
+    except ImportError as e:
+        fail(f"{e.name} is not installed; install the server extras: pip install 'imganom[serve]'")
+    insp = load_model(
+        model,
+        device=device,
+        precision=precision,
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        threshold_source=threshold_source,
+        roi=roi,
+        require_calibrated=True,
+    )
+    try:
+        settings = ServeSettings(
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_body_mb=max_body_mb,
+            max_pixels=max_pixels,
+            timeout_s=timeout_s,
         )
-        try:
-            import uvicorn
+        api = create_app(insp, settings)
+    except ValueError as e:
+        fail(str(e))
 
-            from imganom.formats.modelfile import ModelFileError
-            from imganom.inference.inspector import Inspector
-            from imganom.serve.app import ServeSettings, create_app
-        except ImportError as e:
-            fail(f"{e.name} is not installed; install the server extras: pip install 'imganom[serve]'")
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            fail(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-        try:
-            insp = Inspector.load(model, device=device, precision=precision)
-            settings = ServeSettings(
-                max_batch=max_batch,
-                max_wait_ms=max_wait_ms,
-                max_queue=max_queue,
-                max_body_mb=max_body_mb,
-                max_pixels=max_pixels,
-                timeout_s=timeout_s,
-            )
-            api = create_app(insp, settings)
-        except (ModelFileError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. unknown/absent device
-            fail(str(e))
+    config = uvicorn.Config(
+        api,
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=timeout_s + 5,
+    )
+    server = uvicorn.Server(config)
 
-        config = uvicorn.Config(
-            api,
-            host=host,
-            port=port,
-            log_level="info" if verbose else "warning",
-            access_log=verbose,
-            timeout_graceful_shutdown=timeout_s + 5,
-        )
-        server = uvicorn.Server(config)
+    # uvicorn installs its own SIGTERM/SIGINT handlers while serving and re-raises the signal afterwards;
+    # this handler receives that re-raise (and any signal before uvicorn's are in place), so a graceful
+    # stop exits 0 instead of dying by the signal.
+    def _stop(_sig: int, _frame: object) -> None:
+        server.should_exit = True
 
-        # uvicorn installs its own SIGTERM/SIGINT handlers while serving and re-raises the signal afterwards;
-        # this handler receives that re-raise (and any signal before uvicorn's are in place), so a graceful
-        # stop exits 0 instead of dying by the signal.
-        def _stop(_sig: int, _frame: object) -> None:
-            server.should_exit = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _stop)
-        console.print(
-            f"imganom serve: model {insp.model_id} ({insp.cfg.name}) on {insp.device}, "
-            f"http://{host}:{port}/v1/inspect",
-            soft_wrap=True,
-        )
-        server.run()
-        if not server.started:
-            raise typer.Exit(1)  # e.g. the port is taken (uvicorn logged why)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    console.print(
+        f"imganom serve: model {insp.model_id} ({insp.cfg.name}) on {insp.device}, "
+        f"http://{host}:{port}/v1/inspect",
+        soft_wrap=True,
+    )
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)  # e.g. the port is taken (uvicorn logged why)

@@ -1,0 +1,107 @@
+"""``imganom inspect``: a batch of images -> results tables, masks, heatmaps, overlays, summary and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from imganom.cli.common import EXIT_NG, console, fail, progress_bar, setup
+from imganom.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageThresholdOpt,
+    ModelOpt,
+    NoReportOpt,
+    PixelThresholdOpt,
+    PrecisionOpt,
+    RawMapsOpt,
+    RecursiveOpt,
+    RoiOpt,
+    ThresholdSourceOpt,
+    VerboseOpt,
+    WorkersOpt,
+    check_raw_maps,
+    load_model,
+)
+
+
+def inspect(
+    model: ModelOpt,
+    inputs: list[Path] = typer.Option(
+        ..., "--input", "-i", help="Folder, image file or .txt list (repeatable)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    recursive: RecursiveOpt = True,
+    batch_size: BatchSizeOpt = 16,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 2,
+    resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
+    fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
+    image_threshold: ImageThresholdOpt = None,
+    pixel_threshold: PixelThresholdOpt = None,
+    threshold_source: ThresholdSourceOpt = "normal",
+    roi: RoiOpt = None,
+    raw_maps: RawMapsOpt = None,
+    no_report: NoReportOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
+    setup(verbose)
+    from rich.progress import TextColumn
+
+    from imganom.reporting.writers import OutputOptions
+    from imganom.workflows.inspect import InspectStats, run_inspect
+
+    check_raw_maps(raw_maps)
+    insp = load_model(
+        model,
+        device=device,
+        precision=precision,
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        threshold_source=threshold_source,
+        roi=roi,
+    )
+    progress = progress_bar(
+        "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
+    )
+    t0 = [0.0]
+    with progress:
+        task = progress.add_task("inspect", total=None, ips=0.0, ng=0, err=0)
+
+        def on_progress(st: InspectStats) -> None:
+            if not t0[0]:
+                t0[0] = time.perf_counter()
+            el = max(time.perf_counter() - t0[0], 1e-6)
+            ips = (st.done - st.skipped) / el
+            progress.update(task, total=st.total, completed=st.done, ng=st.ng, err=st.error, ips=ips)
+
+        try:
+            _, summary = run_inspect(
+                insp,
+                inputs,
+                out,
+                recursive=recursive,
+                batch_size=batch_size,
+                workers=workers,
+                resume=resume,
+                options=OutputOptions(raw_maps=raw_maps),
+                report=not no_report,
+                on_progress=on_progress,
+            )
+        except FileNotFoundError as e:
+            fail(str(e))
+    c = summary["counts"]
+    console.print(
+        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
+        + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
+    )
+    console.print(
+        f"results: {out / 'results.csv'}" + ("" if no_report else f"\nreport:  {out / 'report.html'}")
+    )
+    if fail_on_ng and c["ng"]:
+        raise typer.Exit(EXIT_NG)
