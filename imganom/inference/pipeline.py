@@ -317,9 +317,8 @@ def keep_output_layer_fp32(model: torch.nn.Module) -> bool:
 
 
 def vae_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode, decode the posterior mean: (mu, logvar, recon); the part of inspection worth compiling."""
-    mu, logvar = model.encode(x)
-    return mu, logvar, model.decode(mu)
+    """``ConvVAE.reconstruct``: (mu, logvar, recon); the part of inspection worth compiling."""
+    return model.reconstruct(x)
 
 
 def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:

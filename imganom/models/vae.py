@@ -1,7 +1,7 @@
 """A convolutional VAE as a plain ``nn.Module``: strided conv encoder, dense or spatial latent,
 mirrored decoder.
 
-Training and scoring live beside it (``train.py``, ``anomaly_map.py``), never inside.
+Training and scoring live beside it (``training/``, ``ops/head.py``), never inside.
 """
 
 from __future__ import annotations
@@ -92,6 +92,12 @@ class ConvVAE(nn.Module):
         if self.cfg.latent == "dense":
             h = h.view(-1, *self.bottom)
         return torch.sigmoid(self.decoder(h))
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inspection's deterministic pass: (mu, logvar, decode(mu)); what the Inspector runs (compiled or
+        not) and the ONNX export traces."""
+        mu, logvar = self.encode(x)
+        return mu, logvar, self.decode(mu)
 
     @staticmethod
     def sample(

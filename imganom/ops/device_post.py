@@ -96,6 +96,8 @@ def image_scores_t(
     ``max``: exactly numpy's value. ``topk_mean``: the same top-k values averaged in float64 (agrees to
     ~1e-15 relative; only the summation order differs). ``n_roi`` (ROI pixel count, known on the host)
     avoids a device sync; pixels outside the ROI are set to -inf so they are never picked.
+    Why two implementations: this one is the head's (exported graph, device path); numpy's partition-based
+    ``postprocess.image_score`` stays for the host path, whose topk_mean it reproduces only to ~1e-15.
     """
     if cfg.score == "elbo":
         raise ValueError("score 'elbo' comes from the model's ELBO, not the anomaly map; compute it there")

@@ -1,12 +1,16 @@
 """Anomaly maps in plain torch: the reference implementation and the CPU path.
 
 ``pixel_map`` = l1*|x-r| + l2*(x-r)^2 + ssim*(1-SSIM)/2, reduced over channels (mean or max);
-``gaussian_blur`` smooths it. The fused Triton kernels in ``kernels.py`` must match these.
+``gaussian_blur`` smooths it. Every function takes its Gaussian kernel precomputed (``AnomalyHead`` keeps
+them as buffers, so the graph traces with static kernels) or computes it from sigma. The fused Triton
+kernels in ``triton_maps.py`` must match these.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +30,31 @@ def gaussian_kernel1d(sigma: float, radius: int | None = None, device=None) -> t
     return k / k.sum()
 
 
-def _sep_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Depthwise separable convolution with reflect padding; x is (N, C, H, W) float32."""
-    c, r = x.shape[1], k.numel() // 2
-    kh = k.view(1, 1, 1, -1).expand(c, 1, 1, -1)
-    kv = k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+class SepKernel(NamedTuple):
+    """A separable Gaussian as depthwise conv weights: horizontal (c, 1, 1, K), vertical (c, 1, K, 1), and
+    the radius as a Python int (static shapes and pads: what the ONNX tracer needs)."""
+
+    h: torch.Tensor
+    v: torch.Tensor
+    radius: int
+
+
+def sep_kernel(taps: torch.Tensor, channels: int, expand: bool = True) -> SepKernel:
+    """``SepKernel`` of 1-D taps for ``channels`` channels; ``expand=False`` gives contiguous weights (to
+    keep as buffers), ``True`` stride-0 views (cheap, per call)."""
+    kh, kv = taps.view(1, 1, 1, -1), taps.view(1, 1, -1, 1)
+    if expand:
+        return SepKernel(kh.expand(channels, 1, 1, -1), kv.expand(channels, 1, -1, 1), taps.numel() // 2)
+    return SepKernel(kh.repeat(channels, 1, 1, 1), kv.repeat(channels, 1, 1, 1), taps.numel() // 2)
+
+
+def sep_conv(x: torch.Tensor, k: SepKernel) -> torch.Tensor:
+    """Depthwise separable convolution of (N, C, H, W) with ``k`` (C channels); reflect padding, or
+    replicate when a side is not larger than the radius."""
+    c, r = k.h.shape[0], k.radius
     mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    x = _conv(F.pad(x, (r, r, 0, 0), mode=mode), kh, c)
-    return _conv(F.pad(x, (0, 0, r, r), mode=mode), kv, c)
+    x = _conv(F.pad(x, (r, r, 0, 0), mode=mode), k.h, c)
+    return _conv(F.pad(x, (0, 0, r, r), mode=mode), k.v, c)
 
 
 def _conv(x: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
@@ -44,23 +65,28 @@ def _conv(x: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
     return F.conv2d(x, k, groups=groups)
 
 
-def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Smooth (B, H, W) or (B, C, H, W) maps; sigma <= 0 returns the input as float32."""
+def gaussian_blur(m: torch.Tensor, sigma: float, kernel: SepKernel | None = None) -> torch.Tensor:
+    """Smooth (B, H, W) or (B, C, H, W) maps (``kernel``: sigma's, computed when None); sigma <= 0
+    returns the input as float32."""
     m = m.float()
     if sigma <= 0:
         return m
     squeeze = m.dim() == 3
     x = m.unsqueeze(1) if squeeze else m
-    out = _sep_conv(x, gaussian_kernel1d(sigma, device=m.device))
+    out = sep_conv(x, kernel or sep_kernel(gaussian_kernel1d(sigma, device=m.device), x.shape[1]))
     return out.squeeze(1) if squeeze else out
 
 
-def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor:
-    """Local SSIM per pixel and channel (Gaussian window of ``window`` taps, sigma 1.5), inputs in [0, 1]."""
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, window: int = 11, kernel: SepKernel | None = None
+) -> torch.Tensor:
+    """Local SSIM per pixel and channel (Gaussian window of ``window`` taps, sigma 1.5), inputs in [0, 1];
+    ``kernel``: that window for 5 x the channels (the five moments), computed when None."""
     x, y = x.float(), y.float()
-    k = gaussian_kernel1d(SSIM_SIGMA, radius=window // 2, device=x.device)
     c = x.shape[1]
-    moments = _sep_conv(torch.cat([x, y, x * x, y * y, x * y], dim=1), k)
+    if kernel is None:
+        kernel = sep_kernel(gaussian_kernel1d(SSIM_SIGMA, radius=window // 2, device=x.device), 5 * c)
+    moments = sep_conv(torch.cat([x, y, x * x, y * y, x * y], dim=1), kernel)
     mx, my, xx, yy, xy = moments.split(c, dim=1)
     vx, vy, cov = xx - mx * mx, yy - my * my, xy - mx * my
     num = (2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)
@@ -68,7 +94,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor
     return num / den
 
 
-def pixel_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig) -> torch.Tensor:
+def pixel_map(
+    x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, ssim_kernel: SepKernel | None = None
+) -> torch.Tensor:
     """Unsmoothed anomaly map (B, H, W) float32 from input and reconstruction (B, C, H, W)."""
     x, r = x.float(), recon.float()
     d = x - r
@@ -78,7 +106,7 @@ def pixel_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig) -> torch.Ten
     if cfg.l2:
         m = m + cfg.l2 * d * d
     if cfg.ssim:
-        m = m + cfg.ssim * 0.5 * (1.0 - ssim_map(x, r, cfg.ssim_window))
+        m = m + cfg.ssim * 0.5 * (1.0 - ssim_map(x, r, cfg.ssim_window, ssim_kernel))
     return m.amax(1) if cfg.channel_reduce == "max" else m.mean(1)
 
 
@@ -88,13 +116,18 @@ def anomaly_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigma: flo
 
 
 def multiscale_map(
-    raw: torch.Tensor, sigmas: list[float], mean: torch.Tensor, std: torch.Tensor
+    raw: torch.Tensor,
+    sigmas: Sequence[float],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    kernels: Sequence[SepKernel] | None = None,
 ) -> torch.Tensor:
     """Max over ``sigmas`` of ``(blur(raw, s) - mean[k]) / std[k]``: raw (B, H, W) -> (B, H, W) float32.
 
-    ``mean``/``std`` (len(sigmas),) are each scale's normal-map statistics (``calibrate.map_statistics``)."""
+    ``mean``/``std`` (len(sigmas),) are each scale's normal-map statistics (``calibrate.map_statistics``);
+    ``kernels``: each scale's, computed when None."""
     out = None
     for k, s in enumerate(sigmas):
-        z = (gaussian_blur(raw, s) - mean[k]) / std[k]
+        z = (gaussian_blur(raw, s, None if kernels is None else kernels[k]) - mean[k]) / std[k]
         out = z if out is None else torch.maximum(out, z)
     return out

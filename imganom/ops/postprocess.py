@@ -143,7 +143,10 @@ def find_regions(
 
 
 def image_score(amap: np.ndarray, cfg: PostprocessConfig, roi: np.ndarray | None = None) -> float:
-    """Image-level score from the (ROI) pixels: ``max`` or mean of the top ``cfg.topk`` fraction."""
+    """Image-level score from the (ROI) pixels: ``max`` or mean of the top ``cfg.topk`` fraction.
+
+    The host path's score; ``device_post.image_scores_t`` is the device one (same ``max``; top-k mean in
+    another summation order, ~1e-15 apart), kept both so that the CPU results stay what they were."""
     amap = _check_map(amap)
     roi = _check_roi(roi, amap.shape)
     values = amap[roi] if roi is not None else amap.ravel()

@@ -1,4 +1,4 @@
-"""Fused mixed-precision Triton kernels for the anomaly map (the torch reference is ``anomaly_map.py``).
+"""Fused mixed-precision Triton kernels for the anomaly map (the torch reference is ``maps.py``).
 
 Two launches, each about one pass over memory:
 
@@ -14,7 +14,7 @@ columns are L1/L2 hits). The vertical pass is a banded matrix product ``band[PH,
 ``PH - 2R`` rows are complete, so tiles advance by ``PH - 2R`` rows. On the GPU the product runs on tensor
 cores in ``tf32x3`` (about fp32 accuracy: SSIM variances are differences of moments and need it).
 
-Padding matches ``anomaly_map._sep_conv``: reflect by index reflection, or replicate (index clamping) when the
+Padding matches ``maps.sep_conv``: reflect by index reflection, or replicate (index clamping) when the
 image's smaller side is not larger than the radius.
 
 The kernels are wrapped with ``triton.jit`` lazily, once per interpreter mode, so ``TRITON_INTERPRET=1`` is
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
     triton = None
     tl = None
 
-__all__ = ["triton_available", "fused_anomaly_map", "compute_anomaly_map"]
+__all__ = ["triton_available", "fused_anomaly_map", "compute_anomaly_map", "map_backend"]
 
 MAX_RADIUS = 31  # largest window radius the kernels take (63 taps); larger falls back to torch
 _DOT_PRECISION = "tf32x3"  # vertical pass on tensor cores with ~fp32 accuracy ("ieee": exact fp32 FMAs)
@@ -285,21 +285,26 @@ def fused_anomaly_map(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigm
     return out
 
 
-def compute_anomaly_map(
-    x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigma: float, backend: str = "auto"
-) -> torch.Tensor:
-    """Smoothed anomaly map (B, H, W) float32 on the chosen backend.
+def map_backend(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, backend: str = "auto") -> str:
+    """``"triton"`` or ``"torch"``: which implementation computes the map term for these inputs.
 
     ``auto``: the fused Triton kernels for CUDA inputs when Triton is available (and no gradient is needed),
-    else the torch reference; ``torch`` / ``triton`` force one (``triton`` raises RuntimeError if impossible).
+    else the torch reference; ``torch`` / ``triton`` force one (``triton`` raises later if impossible).
     """
-    if backend == "torch":
-        return anomaly_map(x, recon, cfg, sigma)
-    if backend == "triton":
-        return fused_anomaly_map(x, recon, cfg, sigma)
+    if backend in ("torch", "triton"):
+        return backend
     if backend != "auto":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or recon.requires_grad)
     if x.is_cuda and triton_available() and not needs_grad and _unsupported(x, recon, cfg) is None:
+        return "triton"
+    return "torch"
+
+
+def compute_anomaly_map(
+    x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig, sigma: float, backend: str = "auto"
+) -> torch.Tensor:
+    """Smoothed anomaly map (B, H, W) float32 on the backend ``map_backend`` picks."""
+    if map_backend(x, recon, cfg, backend) == "triton":
         return fused_anomaly_map(x, recon, cfg, sigma)
     return anomaly_map(x, recon, cfg, sigma)

@@ -53,30 +53,26 @@ def _chunks(it, n: int):
 @torch.no_grad()
 def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Normal-map statistics at model resolution: per-pixel mean and std of raw (unsmoothed) maps (Welford
-    over views; for ``map.standardize``) and, for ``map.scales``, each smoothing scale's mean and std."""
+    over views; for ``map.standardize``) and, for ``map.scales``, each smoothing scale's mean and std.
+    Reads ``insp`` only (``Inspector.raw_maps``); apply them with ``insp.with_calibration(stats=...)``."""
     h, w = insp.cfg.preprocess.size
     n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
     mcfg, pp = insp.cfg.map, insp.cfg.postprocess
     sigmas = [float(pp.sigma), *mcfg.scales] if mcfg.scales else []
     s1 = torch.zeros(len(sigmas), dtype=torch.float64)
     s2 = torch.zeros(len(sigmas), dtype=torch.float64)
-    saved = mcfg.standardize, mcfg.scales, pp.sigma
-    mcfg.standardize, mcfg.scales, pp.sigma = "off", [], 0.0
-    try:
-        for chunk in _chunks(_decoded(insp, paths), batch_size):
-            views = np.concatenate([prepare(chw, insp.cfg.preprocess)[0] for _, chw, _ in chunk])
-            maps, _ = insp.model_maps(torch.from_numpy(views))
-            for k, sg in enumerate(sigmas):
-                b = gaussian_blur(maps, sg).double()
-                s1[k] += float(b.sum())
-                s2[k] += float((b * b).sum())
-            for m in maps.double().cpu():
-                n += 1
-                d = m - mean
-                mean += d / n
-                m2 += d * (m - mean)
-    finally:
-        mcfg.standardize, mcfg.scales, pp.sigma = saved
+    for chunk in _chunks(_decoded(insp, paths), batch_size):
+        views = np.concatenate([prepare(chw, insp.cfg.preprocess)[0] for _, chw, _ in chunk])
+        maps = insp.raw_maps(torch.from_numpy(views))
+        for k, sg in enumerate(sigmas):
+            b = gaussian_blur(maps, sg).double()
+            s1[k] += float(b.sum())
+            s2[k] += float((b * b).sum())
+        for m in maps.double().cpu():
+            n += 1
+            d = m - mean
+            mean += d / n
+            m2 += d * (m - mean)
     std = (m2 / max(n - 1, 1)).sqrt()
     floor = float(std.mean()) * 0.1 + 1e-6  # avoid dividing by ~0 where normals never vary
     out = {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
@@ -126,7 +122,8 @@ def calibrate(
     and the thresholds come out too low (all NG on a small set). So they come from ``stats_paths`` (after
     training: the training images, up to ``MAX_STATS_IMAGES``), else from every other image of ``paths``,
     whose remaining half then sets the thresholds. ``keep_stats``: reuse the model's statistics when it has
-    them (recalibrating thresholds only, on all of ``paths``). The inspector is updated in place."""
+    them (recalibrating thresholds only, on all of ``paths``). ``insp`` is not changed: apply the result
+    with ``insp.with_calibration(cal, stats)`` or write it to the model file (``update_calibration``)."""
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
@@ -150,8 +147,8 @@ def calibrate(
         if len(sp) > MAX_STATS_IMAGES:
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
-        insp.stats.update({k: v.to(insp.device) for k, v in stats.items()})
-    scores, pix = normal_scores(insp, paths, batch_size)
+    scorer = insp.with_calibration(stats=stats) if stats else insp
+    scores, pix = normal_scores(scorer, paths, batch_size)
     thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
     pthr = pixel_threshold(pix, cfg.pixel_quantile)
     scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)
@@ -182,11 +179,9 @@ def calibrate(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": 0.0,
     }
-    if labeled:
-        cal["f1_max"] = f1_thresholds(insp, labeled, batch_size)
+    if labeled:  # scored as the calibrated model will score: new statistics, new pixel threshold
+        cal["f1_max"] = f1_thresholds(scorer.with_calibration(dict(cal)), labeled, batch_size)
     cal["seconds"] = round(time.perf_counter() - t0, 3)
-    insp.image_threshold, insp.pixel_threshold, insp.score_scale = cal["image_threshold"], pthr, scale
-    insp.meta.calibration = cal
     return cal, stats
 
 

@@ -1,4 +1,4 @@
-"""ONNX export: CLI, graph checks, parity OnnxInspector vs Inspector, metadata and threshold edits.
+"""ONNX export: CLI, graph checks, parity ONNX-backed vs torch-backed Inspector, metadata and threshold edits.
 
 Tolerances (fp32; the SSIM variance terms E[x^2] - E[x]^2 amplify summation-order differences between
 torch's and onnxruntime's depthwise convolutions): maps within PARITY_RTOL = 1e-4 of the map's max |value|
@@ -24,15 +24,14 @@ from imganom.config import load_config
 from imganom.export.onnx import (
     PARITY_RTOL,
     PARITY_RTOL_STANDARDIZED,
-    OnnxInspector,
     UnsupportedModelError,
     export_onnx,
-    load_inspector,
     read_onnx_meta,
     update_onnx_thresholds,
 )
 from imganom.formats.modelfile import ModelFileError, load_model, read_meta, save_model, update_calibration
-from imganom.inference.inspector import Inspector
+from imganom.inference import Inspector, load_inspector
+from imganom.inference.backends import OnnxBackend, TorchBackend
 from imganom.workflows.calibrate import calibrate
 
 
@@ -95,12 +94,12 @@ def test_exported_graph_is_valid_with_dynamic_batch(trained: dict) -> None:
     keys = {p.key for p in m.metadata_props}
     assert keys >= {"imganom.thresholds", "imganom.config", "imganom.calibration", "imganom.preprocess"}
 
-    insp = OnnxInspector.load(trained["onnx"], threads=1)
+    insp = load_inspector(trained["onnx"], threads=1)
     x = np.random.default_rng(0).random((5, 1, 64, 64), dtype=np.float32)
-    five = insp.session.run(None, {"images": x})
+    five = insp.backend.session.run(None, {"images": x})
     assert [o.shape for o in five] == [(5, 64, 64), (5,), (5,)]
     for k in (0, 3):
-        one = insp.session.run(None, {"images": x[k : k + 1]})
+        one = insp.backend.session.run(None, {"images": x[k : k + 1]})
         assert [o.shape for o in one] == [(1, 64, 64), (1,), (1,)]
         np.testing.assert_allclose(one[0][0], five[0][k], rtol=0, atol=1e-6)
         assert float(one[1][0]) == pytest.approx(float(five[0][k].max()), rel=1e-6)  # score 'max'
@@ -108,7 +107,7 @@ def test_exported_graph_is_valid_with_dynamic_batch(trained: dict) -> None:
 
 def test_onnx_inspector_matches_inspector(trained: dict) -> None:
     ref = Inspector.load(trained["model"])
-    oi = OnnxInspector.load(trained["onnx"], threads=1)
+    oi = load_inspector(trained["onnx"], threads=1)
     paths = trained["images"]
     assert len(paths) == 10
     want = ref.predict(paths)
@@ -121,7 +120,7 @@ def test_onnx_inspector_matches_inspector(trained: dict) -> None:
     _assert_parity(oi.predict_arrays(items), ref.predict_arrays(items))
     # ELBO output and the graph's own score output for model-sized inputs
     x = np.stack([oi.load_input(p)[0] for p in paths[:9]])
-    _, score, elbo = oi.session.run(None, {"images": x})
+    _, score, elbo = oi.backend.session.run(None, {"images": x})
     import torch
 
     ref_maps, ref_elbo = ref.model_maps(torch.from_numpy(x))
@@ -140,13 +139,14 @@ def test_metadata_round_trip(trained: dict) -> None:
     assert d["preprocess"]["size"] == [64, 64] and d["preprocess"]["channels"] == 1
     assert d["preprocess"]["intensity"]["mode"] == "dtype" and d["preprocess"]["resize"] == "stretch"
     assert d["export"]["opset"] == 18 and d["export"]["score"] == "max"
-    oi, ref = OnnxInspector.load(trained["onnx"], threads=1), Inspector.load(trained["model"])
+    oi, ref = load_inspector(trained["onnx"], threads=1), Inspector.load(trained["model"])
     assert asdict(oi.meta) == asdict(meta)
     assert oi.model_id == ref.model_id
     assert (oi.image_threshold, oi.pixel_threshold, oi.score_scale) == (
         ref.image_threshold, ref.pixel_threshold, ref.score_scale)  # fmt: skip
-    assert isinstance(load_inspector(trained["onnx"], threads=1), OnnxInspector)
-    assert type(load_inspector(trained["model"])) is Inspector
+    assert isinstance(load_inspector(trained["onnx"], threads=1).backend, OnnxBackend)
+    assert isinstance(load_inspector(trained["model"]).backend, TorchBackend)
+    assert type(load_inspector(trained["onnx"], threads=1)) is type(ref) is Inspector
 
 
 def test_update_thresholds_changes_verdicts_without_reexport(trained: dict, tmp_path: Path) -> None:
@@ -154,17 +154,17 @@ def test_update_thresholds_changes_verdicts_without_reexport(trained: dict, tmp_
     shutil.copy(trained["onnx"], path)
     graph_before = onnx.load(str(path)).graph.SerializeToString()
     paths = trained["images"][:9]
-    scores = [r.score for r in OnnxInspector.load(path, threads=1).predict(paths)]
+    scores = [r.score for r in load_inspector(path, threads=1).predict(paths)]
 
     update_onnx_thresholds(path, image_threshold=max(scores) + 1.0, pixel_threshold=1e6)
-    rs = OnnxInspector.load(path, threads=1).predict(paths)
+    rs = load_inspector(path, threads=1).predict(paths)
     assert {r.verdict for r in rs} == {"OK"} and all(r.mask.sum() == 0 and not r.regions for r in rs)
 
     update_onnx_thresholds(path, image_threshold=min(scores) - 1e-3)  # pixel threshold kept
     d = read_onnx_meta(path)
     assert d["thresholds"]["pixel_threshold"] == 1e6 == d["calibration"]["pixel_threshold"]
     assert d["calibration"]["image_threshold"] == pytest.approx(min(scores) - 1e-3)
-    assert {r.verdict for r in OnnxInspector.load(path, threads=1).predict(paths)} == {"NG"}
+    assert {r.verdict for r in load_inspector(path, threads=1).predict(paths)} == {"NG"}
     assert onnx.load(str(path)).graph.SerializeToString() == graph_before
     with pytest.raises(ValueError):
         update_onnx_thresholds(path)
@@ -184,7 +184,7 @@ def test_standardized_model_exports_its_stats(trained: dict) -> None:
     assert any(a.shape == mean.shape and np.array_equal(a, mean) for a in inits.values())
     ref = Inspector.load(path)
     assert "map_mean" in ref.stats
-    got = OnnxInspector.load(out, threads=1).predict(trained["images"])
+    got = load_inspector(out, threads=1).predict(trained["images"])
     _assert_parity(got, ref.predict(trained["images"]), PARITY_RTOL_STANDARDIZED)
 
 
@@ -197,11 +197,11 @@ def test_score_variants_and_tiles(trained: dict, name: str, overrides: dict) -> 
     path = _variant(trained, name, **overrides)
     out = trained["root"] / f"{name}.onnx"
     export_onnx(path, out, threads=1)
-    ref, oi = Inspector.load(path), OnnxInspector.load(out, threads=1)
+    ref, oi = Inspector.load(path), load_inspector(out, threads=1)
     paths = trained["images"][:6]
     want = ref.predict(paths)
     x = np.stack([oi.load_input(p)[0] for p in paths])
-    graph_scores = oi.session.run(["score"], {"images": x})[0]
+    graph_scores = oi.backend.session.run(["score"], {"images": x})[0]
     np.testing.assert_allclose(graph_scores, [r.score for r in want], rtol=1e-4)
     big = trained["root"] / "big.png"  # 100 x 90: several overlapping tiles in tile mode
     cv2.imwrite(str(big), cv2.resize(cv2.imread(str(paths[-1]), cv2.IMREAD_GRAYSCALE), (90, 100)))
@@ -226,16 +226,16 @@ def test_bad_inputs_are_usage_errors(trained: dict, tmp_path: Path) -> None:
     r = runner.invoke(app, ["export", "--model", str(trained["model"]), "--format", "tflite", "--out", "x"])
     assert r.exit_code == 2
     with pytest.raises(ModelFileError):
-        OnnxInspector.load(tmp_path / "missing.onnx")
+        load_inspector(tmp_path / "missing.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf at all")
     with pytest.raises(ModelFileError):
-        OnnxInspector.load(junk)
+        load_inspector(junk)
     plain = onnx.load(str(trained["onnx"]))
     del plain.metadata_props[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))
     with pytest.raises(ModelFileError, match="no imganom metadata"):
-        OnnxInspector.load(tmp_path / "plain.onnx")
+        load_inspector(tmp_path / "plain.onnx")
     with pytest.raises(ModelFileError):
         read_onnx_meta(tmp_path / "plain.onnx")
     info = json.loads(json.dumps(read_onnx_meta(trained["onnx"])))  # every value is plain JSON
@@ -255,7 +255,7 @@ def test_score_side_standardisation_exports_and_matches(trained: dict) -> None:
     assert rep.max_rel_diff is not None and rep.max_rel_diff <= PARITY_RTOL_STANDARDIZED
     m = onnx.load(str(out))
     assert [o.name for o in m.graph.output] == ["anomaly_map", "score", "elbo", "score_map"]
-    onnx_insp = OnnxInspector.load(out, threads=1)
+    onnx_insp = load_inspector(out, threads=1)
     assert onnx_insp.standardize_mode == "score"
     _assert_parity(onnx_insp.predict(trained["images"]), ref.predict(trained["images"]), PARITY_RTOL)
 
@@ -272,5 +272,5 @@ def test_multiscale_map_exports_and_matches(trained: dict) -> None:
     rep = export_onnx(path, out, check=True, threads=1)
     assert rep.max_rel_diff is not None and rep.max_rel_diff <= PARITY_RTOL_STANDARDIZED
     assert read_onnx_meta(out)["export"]["scales"] == [ref.cfg.postprocess.sigma, 4.0]
-    got = OnnxInspector.load(out, threads=1).predict(trained["images"])
+    got = load_inspector(out, threads=1).predict(trained["images"])
     _assert_parity(got, ref.predict(trained["images"]), PARITY_RTOL_STANDARDIZED)

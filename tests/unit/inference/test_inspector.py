@@ -113,11 +113,14 @@ def test_calibrated_false_reject_rate(insp: Inspector, tiny_model: Path, tmp_pat
 
     make_dataset(tmp_path / "fresh", n_train=0, n_test_good=240, n_test_defect=0, size=64, seed=11)
     normals = find_images(tmp_path / "fresh" / "test" / "good")
-    fresh = Inspector.load(tiny_model, device="cpu")
-    cfg = fresh.cfg.calibration.model_copy(update={"target_fpr": 0.1})
-    cal, _ = calibrate(fresh, normals[:40], cfg)
+    loaded = Inspector.load(tiny_model, device="cpu")
+    cfg = loaded.cfg.calibration.model_copy(update={"target_fpr": 0.1})
+    cal, stats = calibrate(loaded, normals[:40], cfg)
+    assert loaded.image_threshold == insp.image_threshold  # calibration returns, never mutates
+    fresh = loaded.with_calibration(cal, stats)
     assert cal["n_images"] == 40 and cal["image_info"]["method"] == "order_statistic"
     assert fresh.image_threshold == cal["image_threshold"] != insp.image_threshold
+    assert fresh.pixel_threshold == cal["pixel_threshold"] and fresh.meta.calibration is cal
     assert cal["image_info"]["empirical_fpr"] <= 0.1
     rejected = [r.is_anomalous for r in fresh.predict_batch(normals[40:], batch_size=16)]
     fpr = float(np.mean(rejected))
@@ -342,12 +345,7 @@ def _raw_maps(insp: Inspector, paths: list) -> torch.Tensor:
 
     pp = insp.cfg.preprocess
     x = torch.from_numpy(np.concatenate([prepare(insp.load_input(q)[0], pp)[0] for q in paths]))
-    scales, sigma = insp.cfg.map.scales, insp.cfg.postprocess.sigma
-    insp.cfg.map.scales, insp.cfg.postprocess.sigma = [], 0.0
-    try:
-        return insp.model_maps(x)[0]
-    finally:
-        insp.cfg.map.scales, insp.cfg.postprocess.sigma = scales, sigma
+    return insp.raw_maps(x)
 
 
 def test_multiscale_map_is_max_of_per_scale_z_scores(tiny_model: Path, layout, tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_inspector_halves_batch_on_injected_oom(
     with caplog.at_level(logging.WARNING, logger="imganom.inference.pipeline"):
         got = insp.predict(demo_test_paths)
     assert sizes[:3] == [16, 8, 4] and max(sizes[3:]) <= 2
-    assert insp._adaptive.limit == 2
+    assert insp.adaptive.limit == 2
     # smaller batches may pick other conv kernels: last-digit differences only, same verdicts
     np.testing.assert_allclose([r.score for r in got], [r.score for r in want], rtol=1e-5)
     assert [r.verdict for r in got] == [r.verdict for r in want]
@@ -406,7 +406,7 @@ class TestCUDA:
             torch.cuda.empty_cache()
         scores = np.array([r.score for r in res])
         assert len(res) == 1024 and np.ptp(scores) <= 1e-3 * scores.max()
-        assert insp._adaptive.limit is not None and insp._adaptive.limit < 1024
+        assert insp.adaptive.limit is not None and insp.adaptive.limit < 1024
         assert any("out of memory" in r.message for r in caplog.records)
 
     def test_prefetcher_on_cuda_same_tensors_in_order(self) -> None:
@@ -418,7 +418,7 @@ class TestCUDA:
         eager = Inspector.load(WEIGHTS, device="cuda", precision="bf16").predict(demo_test_paths)
         comp = Inspector.load(WEIGHTS, device="cuda", precision="bf16", compile=True)
         got = list(comp.predict_batch(demo_test_paths, batch_size=6))  # 16 images: last batch padded 4 -> 6
-        assert comp._compiled.fixed == 6
+        assert comp.backend.compiled.fixed == 6
         thr = comp.image_threshold
         for a, b in zip(eager, got):
             assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-2 * a.anomaly_map.max()

@@ -88,7 +88,8 @@ def _pixel_map_f64(x: torch.Tensor, r: torch.Tensor, cfg: MapConfig) -> torch.Te
     """The reference formula evaluated in float64 (ground truth for the cancellation-sensitive case)."""
     x, r = x.double(), r.double()
     k = am.gaussian_kernel1d(am.SSIM_SIGMA, radius=cfg.ssim_window // 2).double()
-    mx, mr, xx, rr, xr = am._sep_conv(torch.cat([x, r, x * x, r * r, x * r], 1), k).split(x.shape[1], 1)
+    k5 = am.sep_kernel(k, 5 * x.shape[1])
+    mx, mr, xx, rr, xr = am.sep_conv(torch.cat([x, r, x * x, r * r, x * r], 1), k5).split(x.shape[1], 1)
     num = (2 * mx * mr + am.SSIM_C1) * (2 * (xr - mx * mr) + am.SSIM_C2)
     den = (mx * mx + mr * mr + am.SSIM_C1) * (xx - mx * mx + rr - mr * mr + am.SSIM_C2)
     m = cfg.l1 * (x - r).abs() + cfg.l2 * (x - r) ** 2 + cfg.ssim * 0.5 * (1 - num / den)
