@@ -181,18 +181,18 @@ def _read_slice(name, dec: Decoded, k, intensity, channels, channel_policy) -> t
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             raise ImageReadError(name, "contains NaN/Inf pixel values")
         keep, op = _channel_plan(name, c, dec.has_alpha, channels, channel_policy)
-        raw = raw[..., :keep]
+        raw = raw[..., :keep].transpose(2, 0, 1)  # a CHW view: the float32 copy below is made in CHW order
         if cfg.mode == "dtype" and dec.dtype_window is not None:
             x = window(raw, *dec.dtype_window)
         else:
             x = normalize_intensity(raw, cfg, raw.dtype)
         if dec.invert:
-            x = 1.0 - x
+            np.subtract(1.0, x, out=x)
         if op == "repeat":
-            x = np.repeat(x, 3, axis=2)
+            x = np.repeat(x, 3, axis=0)
         elif op == "luma":
-            x = (x[..., 0] * _LUMA[0] + x[..., 1] * _LUMA[1] + x[..., 2] * _LUMA[2])[..., None]
-        chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+            x = (x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2])[None]
+        chw = np.ascontiguousarray(x, dtype=np.float32)
     return chw, ImageMeta(name, (h, w), stored, c, dec.fmt, k if dec.n_slices > 1 else None)
 
 

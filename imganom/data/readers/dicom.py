@@ -144,7 +144,9 @@ class DicomReader(ImageReader):
             stored = px.dtype.name
             px = px.reshape(rows, cols, spp)
             if rescaled:
-                px = px.astype(np.float64) * slope + intercept
+                px = px.astype(np.float32)  # exact for stored values up to 2**24
+                px *= np.float32(slope)
+                px += np.float32(intercept)
             return px, stored
 
         mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"

@@ -33,24 +33,29 @@ def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) 
         lo, hi = np.percentile(flat, [cfg.low, cfg.high])
         return window(arr, float(lo), float(hi))
     if dt.kind == "b":
-        return arr.astype(np.float32)
+        return _float32(arr)
     if dt.kind == "u":
         return window(arr, 0.0, float(np.iinfo(dt).max))
     lo, hi = float(arr.min()), float(arr.max())
     if dt.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return arr.astype(np.float32)
+        return _float32(arr)
     return window(arr, lo, hi)
 
 
 def window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """(x - lo) / (hi - lo) clipped to [0, 1] as float32; a degenerate window thresholds at lo (flat -> 0)."""
-    x = arr.astype(np.float32)
+    x = _float32(arr)
     if hi > lo:
         x -= np.float32(lo)
         x /= np.float32(hi - lo)
         np.clip(x, 0.0, 1.0, out=x)
         return x
-    return (x > lo).astype(np.float32)
+    return _float32(x > lo)
+
+
+def _float32(arr: np.ndarray) -> np.ndarray:
+    """A new C-contiguous float32 copy (whatever the strides of ``arr``: one copy, not two)."""
+    return np.array(arr, dtype=np.float32, order="C")
 
 
 def to_uint8_preview(chw: np.ndarray) -> np.ndarray:

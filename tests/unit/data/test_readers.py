@@ -5,14 +5,12 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import cv2
 import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from image_files import GRAY8, GRAY16, RGB8, RGB16, RNG, H, W, sample_files, write_dicom
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from imganom.config import IntensityConfig
 from imganom.data.readers import (
@@ -28,13 +26,6 @@ from imganom.data.readers import (
     to_uint8_preview,
 )
 
-H, W = 12, 16
-RNG = np.random.default_rng(0)
-GRAY8 = RNG.integers(0, 256, (H, W), dtype=np.uint8)
-RGB8 = RNG.integers(0, 256, (H, W, 3), dtype=np.uint8)
-RGBA8 = np.dstack([RGB8, RNG.integers(0, 256, (H, W), dtype=np.uint8)])
-GRAY16 = RNG.integers(0, 65536, (H, W), dtype=np.uint16)
-RGB16 = RNG.integers(0, 65536, (H, W, 3), dtype=np.uint16)
 PERCENTILE = IntensityConfig(mode="percentile", low=0, high=100)
 FORMAT_FILES = ["rgb.jpg", "rgb8.png", "gray16.png", "rgb.bmp", "u16.tif", "ct.dcm", "vol.nii.gz"]
 
@@ -44,58 +35,10 @@ def chw(hwc: np.ndarray, scale: float) -> np.ndarray:
     return (a.astype(np.float64) / scale).transpose(2, 0, 1)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int = 16,
-                slope: float | None = None, intercept: float | None = None,
-                center: float | None = None, width: float | None = None, preamble: bool = True) -> Path:
-    """Uncompressed Explicit VR Little Endian DICOM, 16-bit, one frame or a (frames, H, W) stack."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if center is not None:
-        ds.WindowCenter, ds.WindowWidth = center, width
-    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    if not preamble:  # legacy files without the 128-byte preamble and 'DICM'
-        path.write_bytes(path.read_bytes()[132:])
-    return path
-
-
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     """One small valid file per format variant."""
-    f: dict[str, Path] = {}
-
-    def pil(name: str, arr: np.ndarray, **kw) -> None:
-        f[name] = tmp_path / name
-        Image.fromarray(arr).save(f[name], **kw)
-
-    pil("gray8.png", GRAY8)
-    pil("rgb8.png", RGB8)
-    pil("rgba8.png", RGBA8)
-    pil("rgb.bmp", RGB8)
-    pil("rgb.jpg", RGB8, quality=95)
-    f["gray16.png"] = tmp_path / "gray16.png"
-    cv2.imwrite(str(f["gray16.png"]), GRAY16)
-    f["rgb16.png"] = tmp_path / "rgb16.png"
-    cv2.imwrite(str(f["rgb16.png"]), RGB16[..., ::-1])  # OpenCV writes BGR
-    f["u16.tif"] = tmp_path / "u16.tif"
-    tifffile.imwrite(f["u16.tif"], GRAY16)
-    f["ct.dcm"] = write_dicom(tmp_path / "ct.dcm", GRAY16 % 4096, bits_stored=12)
-    f["vol.nii.gz"] = tmp_path / "vol.nii.gz"
-    nib.save(nib.Nifti1Image(RNG.random((H, W, 3)).astype(np.float32), np.eye(4)), f["vol.nii.gz"])
-    return f
+    return sample_files(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- formats
