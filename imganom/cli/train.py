@@ -51,13 +51,13 @@ def train(
     from imganom.workflows.calibrate import calibrate
 
     try:
-        res = run_train(cfg, data, out, resume=resume, device=device, progress=sys.stderr.isatty())
+        from imganom.cli.progress import train_progress
+
+        with train_progress(sys.stderr.isatty()) as on_progress:
+            res = run_train(cfg, data, out, resume=resume, device=device, progress=on_progress)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    console.print(
-        f"trained {res.epochs_run} epochs in {res.seconds:.1f}s, best val loss {res.best_val:.4f}"
-        + (" (early stop)" if res.stopped_early else "")
-    )
+    console.print(res.summary)
     if res.interrupted:
         console.print(f"interrupted: resume with  imganom train --data {data} --out {out} --resume")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -77,4 +77,6 @@ def train(
         )
         if "warning" in cal["image_info"]:
             console.print(f"[yellow]warning:[/yellow] {cal['image_info']['warning']}")
+    for level, line in res.check_lines():
+        console.print(("[yellow]warning:[/yellow] " if level == "warning" else "") + line)
     print(res.model_path)

@@ -115,6 +115,18 @@ class TrainConfig(_Strict):
     workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(5, ge=1)
     max_images: int | None = Field(None, ge=1)  # cap the training set (quick experiments)
+    # which epoch's weights are kept (and what early stopping watches), never an epoch inside the KL warm-up:
+    # "recon": lowest validation reconstruction loss (the loss mix without KL, so the beta schedule cannot
+    # move it); "pseudo": best mean of image AUROC, pixel AUROC and AUPRO on synthetic anomalies pasted into
+    # the held-out normals (data/pseudo.py), checked every ``pseudo_every`` epochs
+    select: Literal["recon", "pseudo"] = "recon"
+    pseudo_every: int = Field(5, ge=1)
+    # after training: score the kept model on synthetic anomalies (image/pixel AUROC, AUPRO; stored in the
+    # model file and printed by ``imganom train``)
+    self_check: bool = True
+    # denoising training: this fraction of training images get a synthetic anomaly pasted in and the model
+    # learns to reconstruct the clean image (defects get repaired, not copied); 0 = off
+    denoise: float = Field(0.0, ge=0, le=1)
 
 
 class MapConfig(_Strict):
@@ -136,6 +148,10 @@ class MapConfig(_Strict):
     # each smoothed map z-scored by its normal mean/std (calibration), so a faint large defect (visible at
     # a coarse scale) and a sharp small one (fine scale) both stand out. [] = one scale.
     scales: list[float] = Field(default_factory=list, max_length=4)
+
+    # auto (YAML ``map: auto``): after training, choose the mix, channel reduction, standardisation, scales
+    # and postprocess.sigma/score on synthetic anomalies in the held-out normals; the model file stores them
+    auto: bool = False
 
     @field_validator("standardize", mode="before")
     @classmethod
@@ -190,6 +206,11 @@ class Config(_Strict):
     map: MapConfig = MapConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+
+    @field_validator("map", mode="before")
+    @classmethod
+    def _map_auto(cls, v: Any) -> Any:
+        return {"auto": True} if v == "auto" else v
 
     @model_validator(mode="after")
     def _geometry(self) -> Config:

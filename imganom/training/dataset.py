@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from imganom.config import AugmentConfig, Config
 from imganom.data.preprocess import prepare
+from imganom.data.pseudo import FAMILIES, add_pseudo_anomaly
 from imganom.data.readers import ImageReadError, read_image, read_options
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ class NormalImages(Dataset):
     """Decoded normal images; ``__getitem__`` returns a (C, h, w) float32 tensor in [0, 1].
 
     stretch/letterbox: the whole image resized once. tile: native resolution, one random model-sized crop
-    per draw (train) or the top-left-first tile grid centre crop (eval)."""
+    per draw (train) or the top-left-first tile grid centre crop (eval).
+    Denoising training (``train.denoise`` > 0, train only): ``__getitem__`` returns ``(input, target)``, the
+    input being the target with, for that fraction of draws, a synthetic anomaly (``data.pseudo``) pasted in.
+    """
 
     def __init__(self, paths: Sequence[Path], ids: Sequence[str], cfg: Config, train: bool):
         self.cfg, self.train, self.epoch = cfg, train, 0
@@ -86,6 +90,7 @@ class NormalImages(Dataset):
                 "no readable training images" + (f" (first error: {self.skipped[0]})" if self.skipped else "")
             )
         self.augment = build_augment(cfg.augment, cfg.train.seed) if train else None
+        self.denoise = cfg.train.denoise if train else 0.0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,24 +98,44 @@ class NormalImages(Dataset):
     def _rng(self, idx: int) -> np.random.Generator:
         return np.random.default_rng((self.cfg.train.seed, self.epoch, idx, int(self.train)))
 
-    def _view(self, chw: np.ndarray, idx: int) -> np.ndarray:
+    def _view(self, chw: np.ndarray, idx: int, centre: bool = False) -> np.ndarray:
+        """The model-sized view; tiles: a random crop (train) or the centre crop (eval, or ``centre``)."""
         if self.cfg.preprocess.resize != "tile":
             return chw
         h, w = self.cfg.preprocess.size
         H, W = chw.shape[1:]
         if H < h or W < w:
             return prepare(chw, self.cfg.preprocess.model_copy(update={"resize": "stretch"}))[0][0]
-        if self.train:
+        if self.train and not centre:
             rng = self._rng(idx)
             y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
         else:
             y, x = (H - h) // 2, (W - w) // 2
         return chw[:, y : y + h, x : x + w]
 
-    def __getitem__(self, idx: int) -> torch.Tensor:
+    def views(self) -> torch.Tensor:
+        """Every image's un-augmented model view (the eval crop for tiles): (N, C, h, w) float32."""
+        return torch.from_numpy(
+            np.stack(
+                [np.asarray(self._view(c, i, centre=True), np.float32) for i, c in enumerate(self.items)]
+            )
+        )
+
+    def __getitem__(self, idx: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         chw = self._view(self.items[idx], idx)
         if self.augment is not None:
             self.augment.set_random_seed(int(self._rng(idx).integers(0, 2**31 - 1)))
             hwc = self.augment(image=np.ascontiguousarray(chw.transpose(1, 2, 0)))["image"]
             chw = np.clip(hwc, 0.0, 1.0).transpose(2, 0, 1) if hwc.ndim == 3 else np.clip(hwc, 0.0, 1.0)[None]
-        return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))
+        target = torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))
+        if not self.denoise:
+            return target
+        rng = np.random.default_rng((self.cfg.train.seed, self.epoch, idx, 2))  # not the augmentation stream
+        if rng.random() >= self.denoise:
+            return target, target
+        j = (idx + 1 + int(rng.integers(0, max(1, len(self) - 1)))) % len(self)
+        donor = self._view(self.items[j], j)
+        noisy, _ = add_pseudo_anomaly(
+            target.numpy(), rng, FAMILIES[int(rng.integers(0, len(FAMILIES)))], donor
+        )
+        return torch.from_numpy(noisy), target

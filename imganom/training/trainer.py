@@ -1,18 +1,25 @@
 """Training loop for ``ConvVAE`` on normal images: AdamW + cosine, autocast, early stopping, exact resume.
 
-A run directory holds ``checkpoint.safetensors`` (weights, best weights, optimizer and RNG state; JSON
+A run directory holds ``checkpoint.safetensors`` (weights, kept weights, optimizer and RNG state; JSON
 metadata, nothing pickled), ``log.csv`` (one row per epoch) and, at the end, ``model.safetensors``.
+
+Model selection (which epoch's weights are kept, what early stopping watches) uses ``train.select``: the
+validation reconstruction loss (no KL term) or the self-supervised pseudo-anomaly score (``selfcheck``),
+never the ELBO (``recon + beta * KL`` moves with the KL warm-up: an untrained epoch-1 model, KL ~ 0, would
+win) and never an epoch inside the warm-up. ``log.csv`` records the criterion and the epoch kept so far on
+every row; the model file records the epoch kept and why (``training.selection``), the ``map: auto`` choice
+and the self-check on synthetic defects.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,7 @@ from imganom.data.discovery import find_images, is_mvtec_root, relative_id, trai
 from imganom.formats.modelfile import save_model
 from imganom.models.losses import kl_weight, vae_loss
 from imganom.models.vae import ConvVAE
+from imganom.training import selfcheck
 from imganom.training.dataset import NormalImages, fingerprint
 from imganom.utils.device import autocast_dtype, resolve_device
 
@@ -43,7 +51,29 @@ LOG_COLUMNS = [
     "lr",
     "images_per_s",
     "seconds",
+    "criterion",  # train.select: val_recon or pseudo (1 - mean of the pseudo metrics), lower is better
+    "select_value",  # empty when not measured (inside the KL warm-up; pseudo: between checks)
+    "pseudo_image_auroc",
+    "pseudo_pixel_auroc",
+    "pseudo_aupro",
+    "kept_epoch",  # the epoch whose weights are kept so far (0: none yet, still in the warm-up)
 ]
+SEED_SELECT, SEED_CHECK = 1, 2  # pseudo sets: one for checkpoint and map choice, another for the self-check
+
+
+@dataclass
+class EpochProgress:
+    """What the ``progress`` callback of ``train`` receives after every batch."""
+
+    epoch: int  # 1-based
+    epochs: int
+    done: int  # images of this epoch so far
+    total: int
+    loss: float  # running mean of this epoch
+    images_per_s: float
+
+
+ProgressFn = Callable[[EpochProgress], None]
 
 
 def training_images(data: str | Path) -> tuple[list[Path], list[str]]:
@@ -64,12 +94,51 @@ class TrainResult:
     run_dir: Path
     model_path: Path
     epochs_run: int
-    best_val: float
+    best_val: float  # the selection criterion's value at the kept epoch
     stopped_early: bool
     interrupted: bool
     seconds: float
     val_paths: list[Path]
     train_paths: list[Path] = field(default_factory=list)  # the images trained on (normal-map statistics)
+    best_epoch: int = 0  # 1-based epoch whose weights were kept
+    selection: dict[str, Any] = field(default_factory=dict)  # criterion, epoch, value, reason
+    self_check: dict[str, Any] | None = None  # pseudo-anomaly metrics of the final model
+    map_choice: dict[str, Any] | None = None  # map: auto (chosen setting and its metrics)
+
+    @property
+    def summary(self) -> str:
+        """One line: epochs, time and which epoch was kept why."""
+        return (
+            f"trained {self.epochs_run} epochs in {self.seconds:.1f}s"
+            + (" (early stop)" if self.stopped_early else "")
+            + f"; kept epoch {self.best_epoch}: {self.selection.get('reason', '')}"
+        )
+
+    def check_lines(self) -> list[tuple[str, str]]:
+        """(level, text) lines about the map choice and the self-check; level "info" or "warning"."""
+        out = []
+        if self.map_choice:
+            c = self.map_choice["chosen"]
+            out.append(("info", "map: auto chose " + ", ".join(f"{k} {v}" for k, v in c.items())))
+        sc = self.self_check
+        if sc:
+            f = {k: "n/a" if sc.get(k) is None else f"{sc[k]:.3f}" for k in selfcheck.METRICS}
+            out.append(
+                (
+                    "info",
+                    f"self-check on synthetic defects: image AUROC {f['image_auroc']}, "
+                    f"pixel AUROC {f['pixel_auroc']}, AUPRO {f['aupro']}",
+                )
+            )
+            if sc.get("poor"):
+                out.append(
+                    (
+                        "warning",
+                        f"self-check is poor ({', '.join(sc['poor'])}): the model may miss real defects; "
+                        "train longer, check that the training images are all normal, or try another preset",
+                    )
+                )
+        return out
 
 
 def _cosine_lr(cfg: Config, step: int, total: int) -> float:
@@ -127,22 +196,23 @@ def _load_checkpoint(path: Path, model, opt) -> tuple[dict, dict[str, torch.Tens
     return meta, best
 
 
-def _run_epoch(
-    model, loader, opt, cfg, device, amp, scaler, epoch, n_batches, total_steps, step, progress, task
-):
+def _run_epoch(model, loader, opt, cfg, device, amp, scaler, epoch, n_batches, total_steps, step, progress):
     model.train()
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
     n = 0
     t0 = time.perf_counter()
-    for i, x in enumerate(loader):
+    total = len(loader.dataset)
+    for i, batch in enumerate(loader):
+        x, target = batch if isinstance(batch, (list, tuple)) else (batch, batch)  # denoising: (input, clean)
         x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
         lr = _cosine_lr(cfg, step, total_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         beta = kl_weight(cfg.loss, epoch + i / n_batches)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(x)
-        terms = vae_loss(x, out, cfg.loss, beta)
+        terms = vae_loss(target, out, cfg.loss, beta)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(terms["loss"]).backward()
@@ -159,7 +229,8 @@ def _run_epoch(
         for k in sums:
             sums[k] += float(terms[k].detach()) * len(x)
         if progress is not None:
-            progress.update(task, advance=len(x), loss=sums["loss"] / n, ips=n / (time.perf_counter() - t0))
+            ips = n / max(time.perf_counter() - t0, 1e-9)
+            progress(EpochProgress(epoch + 1, cfg.train.epochs, n, total, sums["loss"] / n, ips))
     return {k: v / max(n, 1) for k, v in sums.items()}, step, beta, lr, n
 
 
@@ -180,6 +251,41 @@ def evaluate_loss(model, loader, cfg: Config, device, amp) -> dict[str, float]:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+def min_select_epoch(cfg: Config) -> int:
+    """First epoch (1-based) whose weights may be kept: the one that ends the KL warm-up (the last epoch when
+    the run is shorter than the warm-up)."""
+    return max(1, min(cfg.loss.kl_warmup_epochs, cfg.train.epochs))
+
+
+def _select_reason(cfg: Config, state: dict[str, Any]) -> str:
+    first = min_select_epoch(cfg)
+    if state["best_epoch"] < 0:
+        return f"last epoch (the run ended before epoch {first}, the end of the KL warm-up)"
+    if cfg.train.select == "pseudo":
+        what = (
+            f"best pseudo-anomaly score {1 - state['best_val']:.4f} "
+            "(mean of image AUROC, pixel AUROC and AUPRO on synthetic defects), "
+            f"checked every {cfg.train.pseudo_every} epochs"
+        )
+    else:
+        what = f"lowest validation reconstruction loss {state['best_val']:.4f} (no KL term)"
+    return f"{what} from epoch {first} on (after the KL warm-up)"
+
+
+def _measure(
+    cfg: Config, state: dict[str, Any], epoch: int, va: dict[str, float], pseudo_fn: Callable[[], dict] | None
+) -> tuple[float | None, dict[str, Any] | None]:
+    """The selection criterion for epoch ``epoch`` (1-based; lower is better), or None when not measured."""
+    if epoch < min_select_epoch(cfg):
+        return None, None
+    if cfg.train.select == "recon" or pseudo_fn is None:
+        return va["recon"], None
+    if epoch % cfg.train.pseudo_every and epoch != cfg.train.epochs and epoch != min_select_epoch(cfg):
+        return None, None
+    m = pseudo_fn()
+    return 1.0 - selfcheck.mean_metric(m), m
+
+
 def train(
     cfg: Config,
     data: str | Path,
@@ -187,15 +293,18 @@ def train(
     *,
     resume: bool = False,
     device: str = "auto",
-    progress: bool = True,
+    progress: ProgressFn | bool | None = None,
 ) -> TrainResult:
-    """Train on the normal images under ``data``; writes the run directory and returns a summary."""
+    """Train on the normal images under ``data``; writes the run directory and returns a summary.
+
+    ``progress``: called with an ``EpochProgress`` after every batch (False/None: nothing)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     amp = autocast_dtype(cfg.train.precision, dev, training=True)
     torch.manual_seed(cfg.train.seed)
+    on_progress = progress if callable(progress) else None
 
     paths, ids = training_images(data)
     if cfg.train.max_images:
@@ -208,6 +317,10 @@ def train(
         if va_idx
         else None
     )
+    pseudo_views = (
+        val_set or train_set
+    ).views()  # no held-out split: the training images (said in the check)
+    pset_select = None
 
     model = ConvVAE(cfg.model, cfg.preprocess.channels, cfg.preprocess.size).to(dev)
     model = model.to(memory_format=torch.channels_last)
@@ -215,12 +328,19 @@ def train(
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.train.compile else model
 
+    def pseudo_fn() -> dict[str, Any]:
+        nonlocal pset_select
+        if pset_select is None:
+            pset_select = selfcheck.PseudoSet.build(
+                list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_SELECT
+            )
+        return selfcheck.pseudo_score(model, pset_select, cfg, dev)
+
     state = {
         "epoch": 0,
         "step": 0,
         "best_val": float("inf"),
         "best_epoch": -1,
-        "bad_epochs": 0,
         "config": cfg.model_dump(mode="json"),
     }
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -248,104 +368,131 @@ def train(
     val_loader = (
         DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.train.workers) if val_set else None
     )
+    criterion = "pseudo" if cfg.train.select == "pseudo" else "val_recon"
     stopped_early = interrupted = False
-    bar_ctx = _progress_bar() if progress else contextlib.nullcontext()
-    with bar_ctx as bar:
-        task = (
-            bar.add_task("train", total=len(train_set), loss=float("nan"), ips=0.0)
-            if bar is not None
-            else None
-        )
-        try:
-            while state["epoch"] < cfg.train.epochs:
-                epoch = state["epoch"]
-                te = time.perf_counter()
-                train_set.epoch = epoch
-                g.manual_seed(cfg.train.seed * 100_003 + epoch)
-                loader = DataLoader(
-                    train_set,
-                    batch_size=bs,
-                    shuffle=True,
-                    generator=g,
-                    drop_last=False,
-                    num_workers=cfg.train.workers,
-                    persistent_workers=False,
+    try:
+        while state["epoch"] < cfg.train.epochs:
+            epoch = state["epoch"]
+            te = time.perf_counter()
+            train_set.epoch = epoch
+            g.manual_seed(cfg.train.seed * 100_003 + epoch)
+            loader = DataLoader(
+                train_set,
+                batch_size=bs,
+                shuffle=True,
+                generator=g,
+                drop_last=False,
+                num_workers=cfg.train.workers,
+                persistent_workers=False,
+            )
+            tr, state["step"], beta, lr, n = _run_epoch(
+                fwd,
+                loader,
+                opt,
+                cfg,
+                dev,
+                amp,
+                scaler,
+                epoch,
+                n_batches,
+                total_steps,
+                state["step"],
+                on_progress,
+            )
+            secs = time.perf_counter() - te
+            va = evaluate_loss(fwd, val_loader, cfg, dev, amp) if val_loader else tr
+            state["epoch"] = epoch + 1
+            value, pm = _measure(cfg, state, epoch + 1, va, pseudo_fn)
+            if value is not None and value < state["best_val"] - 1e-6:
+                state.update(best_val=value, best_epoch=epoch)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            pcols = [pm[k] for k in selfcheck.METRICS] if pm else ["", "", ""]
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow(
+                    [
+                        epoch + 1,
+                        tr["loss"],
+                        tr["recon"],
+                        tr["kl"],
+                        va["loss"],
+                        va["recon"],
+                        va["kl"],
+                        beta,
+                        lr,
+                        n / secs,
+                        secs,
+                        criterion,
+                        "" if value is None else value,
+                        *pcols,
+                        state["best_epoch"] + 1,
+                    ]  # fmt: skip
                 )
-                if bar is not None:
-                    bar.reset(task, total=len(train_set), description=f"epoch {epoch + 1}/{cfg.train.epochs}")
-                tr, state["step"], beta, lr, n = _run_epoch(
-                    fwd,
-                    loader,
-                    opt,
-                    cfg,
-                    dev,
-                    amp,
-                    scaler,
-                    epoch,
-                    n_batches,
-                    total_steps,
-                    state["step"],
-                    bar,
-                    task,
-                )
-                secs = time.perf_counter() - te
-                va = evaluate_loss(fwd, val_loader, cfg, dev, amp) if val_loader else tr
-                state["epoch"] = epoch + 1
-                if va["loss"] < state["best_val"] - 1e-6:
-                    state.update(best_val=va["loss"], best_epoch=epoch, bad_epochs=0)
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    state["bad_epochs"] += 1
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow(
-                        [
-                            epoch + 1,
-                            tr["loss"],
-                            tr["recon"],
-                            tr["kl"],
-                            va["loss"],
-                            va["recon"],
-                            va["kl"],
-                            beta,
-                            lr,
-                            n / secs,
-                            secs,
-                        ]
-                    )
-                log.info(
-                    "epoch %d train %.4f val %.4f (%.0f img/s)", epoch + 1, tr["loss"], va["loss"], n / secs
-                )
-                done = state["epoch"] >= cfg.train.epochs
-                if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
-                    stopped_early = done = True
-                snapshot = _checkpoint_snapshot(model, best_state, opt, state)
-                if done or state["epoch"] % cfg.train.checkpoint_every == 0:
-                    _write_checkpoint(ckpt, snapshot)
-                if done:
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            _write_checkpoint(ckpt, snapshot)  # the last completed epoch, not the partial one
-            state.update({k: v for k, v in snapshot[1].items() if k != "param_groups"})
-            best_state = {k[5:]: v for k, v in snapshot[0].items() if k.startswith("best.")}
-            log.warning("interrupted: resumable checkpoint saved to %s (epoch %d)", ckpt, state["epoch"])
+            log.info(
+                "epoch %d train %.4f val %.4f recon %.4f (%.0f img/s)%s",
+                epoch + 1, tr["loss"], va["loss"], va["recon"], n / secs,
+                f" pseudo {1 - value:.4f}" if pm else "",
+            )  # fmt: skip
+            done = state["epoch"] >= cfg.train.epochs
+            since = state["epoch"] - (state["best_epoch"] + 1)
+            if cfg.train.patience and state["best_epoch"] >= 0 and since >= cfg.train.patience:
+                stopped_early = done = True
+            snapshot = _checkpoint_snapshot(model, best_state, opt, state)
+            if done or state["epoch"] % cfg.train.checkpoint_every == 0:
+                _write_checkpoint(ckpt, snapshot)
+            if done:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        _write_checkpoint(ckpt, snapshot)  # the last completed epoch, not the partial one
+        state.update({k: v for k, v in snapshot[1].items() if k != "param_groups"})
+        best_state = {k[5:]: v for k, v in snapshot[0].items() if k.startswith("best.")}
+        log.warning("interrupted: resumable checkpoint saved to %s (epoch %d)", ckpt, state["epoch"])
 
-    model.load_state_dict(best_state)
-    model = model.to(memory_format=torch.contiguous_format).cpu().eval()
+    if state["best_epoch"] >= 0:
+        model.load_state_dict(best_state)
+    kept = state["best_epoch"] + 1 if state["best_epoch"] >= 0 else state["epoch"]
+    selection = {
+        "criterion": criterion,
+        "epoch": kept,
+        "value": state["best_val"] if state["best_epoch"] >= 0 else None,
+        "first_eligible_epoch": min_select_epoch(cfg),
+        "reason": _select_reason(cfg, state),
+    }
+    log.info("kept epoch %d: %s", kept, selection["reason"])
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    final_cfg, map_choice, check = cfg, None, None
+    if not interrupted and (cfg.map.auto or cfg.train.self_check):
+        normals = train_set.views()[selfcheck.stats_subset(len(train_set))]
+        if cfg.map.auto:
+            if pset_select is None:
+                pset_select = selfcheck.PseudoSet.build(
+                    list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_SELECT
+                )
+            final_cfg, map_choice = selfcheck.choose_map(model, pset_select, normals, cfg, dev)
+        if cfg.train.self_check:
+            pset = selfcheck.PseudoSet.build(list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_CHECK)
+            check = selfcheck.self_check(model, pset, normals, final_cfg, dev)
+            if val_set is None:
+                check["note"] = "no held-out split: synthetic defects were pasted into training images"
+    model = model.cpu()
     training = {
         "data": str(data),
         "fingerprint": fingerprint(train_set.ids),
         "val_fingerprint": fingerprint(val_set.ids) if val_set else None,
         "epochs": state["epoch"],
-        "best_epoch": state["best_epoch"] + 1,
-        "best_val_loss": state["best_val"],
+        "best_epoch": kept,
+        "selection": selection,
         "skipped": train_set.skipped,
         "seed": cfg.train.seed,
         "device": str(dev),
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
     }
+    if map_choice is not None:
+        training["map_auto"] = {**map_choice, "candidates": map_choice["candidates"][:20]}
+    if check is not None:
+        training["self_check"] = check
     model_path = run_dir / "model.safetensors"
-    save_model(model_path, model, cfg, training=training)
+    save_model(model_path, model, final_cfg, training=training)
     return TrainResult(
         run_dir,
         model_path,
@@ -356,18 +503,8 @@ def train(
         time.perf_counter() - t0,
         [paths[i] for i in va_idx],
         [paths[i] for i in tr_idx],
-    )
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(),
-        transient=False,
+        kept,
+        selection,
+        check,
+        map_choice,
     )

@@ -155,3 +155,22 @@ def test_standardize_modes_and_legacy_booleans() -> None:
     assert load_config(None, {"map": {"standardize": "score"}}).map.standardize == "score"
     with pytest.raises(ConfigError, match="map.standardize"):
         load_config(None, {"map": {"standardize": "sometimes"}})
+
+
+def test_map_auto_and_model_selection_options(tmp_path: Path) -> None:
+    cfg = load_config("default", {"map": "auto"})
+    assert cfg.map.auto and cfg.map.standardize == "off"  # auto replaces the preset's map settings
+    assert load_config("default", {"map": {"auto": True, "l1": 1.0}}).map.l1 == 1.0
+    yml = tmp_path / "a.yaml"
+    yml.write_text("map: auto\ntrain: {select: pseudo, pseudo_every: 3, denoise: 0.5}\n")
+    cfg = load_config(yml)
+    assert cfg.map.auto
+    assert (cfg.train.select, cfg.train.pseudo_every, cfg.train.denoise) == ("pseudo", 3, 0.5)
+    assert config_from_dict(cfg.model_dump(mode="json")) == cfg
+    assert not load_config("default").map.auto and load_config("default").train.select == "recon"
+    with pytest.raises(ConfigError, match="train.select"):
+        load_config(None, {"train": {"select": "elbo"}})
+    with pytest.raises(ConfigError, match="train.denoise"):
+        load_config(None, {"train": {"denoise": 1.5}})
+    with pytest.raises(ConfigError, match="map"):
+        load_config(None, {"map": "best"})

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from imganom.config import CONFIG_DIR, AugmentConfig, load_config
 from imganom.data.discovery import find_images
-from imganom.formats.modelfile import load_model, read_meta
+from imganom.formats.modelfile import load_model, read_meta, update_calibration
 from imganom.inference.inspector import Inspector
+from imganom.ops.maps import pixel_map
 from imganom.training.dataset import NormalImages, build_augment
 from imganom.training.trainer import LOG_COLUMNS, train
 
@@ -58,7 +59,21 @@ def test_log_has_one_row_per_epoch_and_loss_decreases(tiny_model: Path) -> None:
     assert all(float(r["images_per_s"]) > 0 and float(r["seconds"]) > 0 for r in rows)
     betas = [float(r["beta"]) for r in rows]
     assert betas == sorted(betas) and betas[-1] == pytest.approx(load_config("tiny").loss.beta)
+    assert {r["criterion"] for r in rows} == {"val_recon"}
+    warm = load_config("tiny").loss.kl_warmup_epochs
+    assert all(r["select_value"] == "" and r["kept_epoch"] == "0" for r in rows[: warm - 1])  # warm-up
+    assert all(float(r["select_value"]) == float(r["val_recon"]) for r in rows[warm - 1 :])
+    kept = int(rows[-1]["kept_epoch"])
+    assert kept >= warm and float(rows[kept - 1]["val_recon"]) == min(
+        float(r["val_recon"]) for r in rows[warm - 1 :]
+    )
     meta = read_meta(tiny_model)
+    sel = meta.training["selection"]
+    assert meta.training["best_epoch"] == sel["epoch"] == kept and sel["criterion"] == "val_recon"
+    assert sel["first_eligible_epoch"] == warm and "reconstruction" in sel["reason"]
+    check = meta.training["self_check"]
+    assert check["n_anomalous"] == 4 * check["n_normal"] and 0 <= check["image_auroc"] <= 1
+    assert set(check["per_family"]) == {"cutpaste", "perlin", "blob", "scratch"}
     # precision "auto" on the CPU: bf16 autocast where the CPU has native bf16, else fp32
     from imganom.utils.device import cpu_has_native_bf16
 
@@ -87,7 +102,8 @@ def _interrupt_mid_epoch(log_path: Path, n_rows: int, stop: threading.Event) -> 
         if log_path.exists():
             rows = log_path.read_text().splitlines()[1:]
             if len(rows) >= n_rows:
-                time.sleep(0.5 * float(rows[-1].split(",")[-1]))  # half the last epoch's duration
+                secs = float(rows[-1].split(",")[LOG_COLUMNS.index("seconds")])
+                time.sleep(0.5 * secs)  # half the last epoch's duration
                 _thread.interrupt_main()
                 return
         time.sleep(0.005)
@@ -111,7 +127,7 @@ def test_resume_after_interrupt_is_exact(synth_root: Path, tmp_path: Path) -> No
     assert len(_log_rows(run)) == first.epochs_run
     # as if a crash came after the next epoch was logged but before its checkpoint: resume redoes it
     with open(run / "log.csv", "a") as f:
-        f.write(f"{first.epochs_run + 1},9,9,9,9,9,9,9,9,9,9\n")
+        f.write(f"{first.epochs_run + 1}," + ",".join(["9"] * (len(LOG_COLUMNS) - 1)) + "\n")
     second = train(cfg, synth_root, run, resume=True, device="cpu", progress=False)
     assert second.epochs_run == 4 and not second.interrupted
     _assert_same_tensors(straight.model_path, second.model_path)
@@ -136,7 +152,8 @@ def test_resume_refuses_other_config_or_missing_checkpoint(synth_root: Path, tmp
 
 
 def test_early_stopping_with_patience(synth_root: Path, tmp_path: Path) -> None:
-    # a learning rate of 1e-9 and no batch norm keep the val loss flat: epoch 1 is the best, then 2 bad epochs
+    # a learning rate of 1e-9 and no batch norm keep the val loss flat: the first epoch after the KL warm-up
+    # (tiny: 2) is the best, then 2 bad epochs
     cfg = load_config(
         "tiny",
         {
@@ -146,9 +163,9 @@ def test_early_stopping_with_patience(synth_root: Path, tmp_path: Path) -> None:
         },
     )
     res = train(cfg, synth_root, tmp_path / "es", device="cpu", progress=False)
-    assert res.stopped_early and res.epochs_run == 3
-    assert len(_log_rows(res.run_dir)) == 3
-    assert read_meta(res.model_path).training["best_epoch"] == 1
+    assert res.stopped_early and res.epochs_run == 4
+    assert len(_log_rows(res.run_dir)) == 4
+    assert read_meta(res.model_path).training["best_epoch"] == res.best_epoch == 2
 
 
 def test_augmentation_ops_from_config() -> None:
@@ -267,8 +284,128 @@ def test_cli_train_sigint_then_resume_writes_calibrated_model(synth_root: Path, 
     assert model_path == out / "model.safetensors"
     _, meta, _ = load_model(model_path)
     assert meta.cfg.train.max_images == 16 and meta.training["epochs"] == epochs
-    assert np.isfinite(meta.training["best_val_loss"])
+    assert np.isfinite(meta.training["selection"]["value"])
     cal = meta.calibration
     assert cal["n_images"] == 4 and cal["image_threshold"] > 0 and cal["pixel_threshold"] > 0
     assert "calibrated on 4 held-out normal images" in p.stderr
     assert Inspector.load(model_path, device="cpu").calibrated
+    assert f"kept epoch {meta.training['best_epoch']}: lowest validation reconstruction loss" in p.stderr
+    # the run ends with the self-check on synthetic defects, after the calibration
+    assert p.stderr.index("self-check on synthetic defects: image AUROC ") > p.stderr.index("calibrated on")
+
+
+def test_kl_dominated_run_keeps_a_trained_epoch_not_epoch_1(synth_root: Path, tmp_path: Path) -> None:
+    # Issue 11: once KL (at full beta) outweighs the reconstruction gains, the validation ELBO is lowest at
+    # epoch 1 (beta still small, KL ~ 0, the model untrained), so selecting on it kept the epoch-1 weights.
+    cfg = load_config(
+        "tiny",
+        {
+            "model": {"latent_dim": 64},
+            "loss": {"beta": 100.0, "kl_warmup_epochs": 3},
+            "train": {"batch_size": 4, "val_fraction": 0.25, "epochs": 6, "self_check": False},
+        },
+    )
+    res = train(cfg, synth_root, tmp_path / "kl", device="cpu", progress=False)
+    rows = _log_rows(res.run_dir)
+    elbo = [float(r["val_loss"]) for r in rows]
+    recon = [float(r["val_recon"]) for r in rows]
+    kept = res.best_epoch
+    assert kept >= 3 and kept == int(rows[-1]["kept_epoch"])  # never inside the warm-up
+    assert elbo[0] < elbo[kept - 1]  # the failure is reproduced: the old criterion preferred epoch 1 ...
+    assert recon[kept - 1] < recon[0] - 0.05  # ... whose reconstructions are far worse
+    assert recon[kept - 1] == min(recon[2:])
+    sel = read_meta(res.model_path).training["selection"]
+    assert sel["epoch"] == kept and sel["value"] == pytest.approx(recon[kept - 1])
+
+
+def test_progress_callback_sees_every_batch(synth_root: Path, tmp_path: Path) -> None:
+    seen = []
+    train(_fast_cfg(self_check=False), synth_root, tmp_path / "p", device="cpu", progress=seen.append)
+    assert [(p.epoch, p.done, p.total) for p in seen] == [(1, 8, 12), (1, 12, 12), (2, 8, 12), (2, 12, 12)]
+    assert all(p.epochs == 2 and p.loss > 0 and p.images_per_s > 0 for p in seen)
+
+
+def test_pseudo_selection_map_auto_and_self_check(synth_root: Path, tmp_path: Path) -> None:
+    from imganom.training import selfcheck
+
+    cfg = load_config(
+        "tiny",
+        {
+            **FAST,
+            "train": {**FAST["train"], "epochs": 5, "select": "pseudo", "pseudo_every": 2},
+            "map": "auto",
+        },
+    )
+    res = train(cfg, synth_root, tmp_path / "ps", device="cpu", progress=False)
+    rows = _log_rows(res.run_dir)
+    measured = [int(r["epoch"]) for r in rows if r["select_value"]]
+    assert measured == [2, 4, 5]  # from the end of the warm-up (2), every 2 epochs, and the last
+    assert all(r["pseudo_image_auroc"] == "" for r in rows if int(r["epoch"]) not in measured)
+    scores = {
+        int(r["epoch"]): np.mean([float(r[f"pseudo_{k}"]) for k in selfcheck.METRICS])
+        for r in rows
+        if r["select_value"]
+    }
+    assert res.best_epoch == max(scores, key=scores.get)
+    assert float(rows[res.best_epoch - 1]["select_value"]) == pytest.approx(1 - scores[res.best_epoch])
+    _, meta, _ = load_model(res.model_path)
+    tr = meta.training
+    assert tr["selection"]["criterion"] == "pseudo" and "pseudo-anomaly" in tr["selection"]["reason"]
+    chosen = tr["map_auto"]["chosen"]
+    m, pp = meta.cfg.map, meta.cfg.postprocess
+    assert not m.auto and (m.l1, m.ssim, m.standardize, m.scales) == (
+        chosen["l1"], chosen["ssim"], chosen["standardize"], chosen["scales"]
+    )  # fmt: skip
+    assert (pp.sigma, pp.score) == (chosen["sigma"], chosen["score"])
+    cands = tr["map_auto"]["candidates"]
+    assert cands[0]["setting"] == chosen and cands[0]["mean"] == max(c["mean"] for c in cands)
+    assert res.self_check == tr["self_check"] and res.map_choice["chosen"] == chosen
+    lines = [t for _, t in res.check_lines()]
+    assert lines[0].startswith("map: auto chose") and lines[1].startswith("self-check on synthetic defects")
+
+
+def test_self_check_maps_are_the_inspectors(synth_root: Path, tmp_path: Path) -> None:
+    """The pseudo-validation scores exactly the maps the calibrated model file produces."""
+    from imganom.training import selfcheck
+    from imganom.workflows.calibrate import calibrate
+
+    cfg = load_config("tiny", {**FAST, "map": {"standardize": "score", "scales": [4.0]}})
+    res = train(cfg, synth_root, tmp_path / "c", device="cpu", progress=False)
+    cal, stats = calibrate(
+        Inspector.load(res.model_path, device="cpu"), res.val_paths, stats_paths=res.train_paths
+    )
+    update_calibration(res.model_path, cal, stats)
+    insp = Inspector.load(res.model_path, device="cpu")
+    normals = NormalImages(res.train_paths, [p.name for p in res.train_paths], cfg, train=False).views()
+    pset = selfcheck.PseudoSet.build(
+        list(NormalImages(res.val_paths, [p.name for p in res.val_paths], cfg, train=False).views().numpy()),
+        0,
+    )
+    want_maps, _, want_scores = insp.model_maps_scored(pset.images)
+    raw_n = pixel_map(normals, selfcheck.reconstruct(insp.model, normals, insp.device), cfg.map)
+    mine = selfcheck.normal_statistics(raw_n, cfg.map, cfg.postprocess.sigma)
+    assert set(mine) == set(stats) and all(torch.allclose(mine[k], stats[k], atol=1e-6) for k in stats)
+    raw = pixel_map(pset.images, selfcheck.reconstruct(insp.model, pset.images, insp.device), cfg.map)
+    maps, score_maps = selfcheck.head_maps(raw, cfg.map, cfg.postprocess.sigma, mine)
+    assert torch.allclose(maps, want_maps, atol=1e-5) and torch.allclose(score_maps, want_scores, atol=1e-5)
+    # and the stored self-check used these statistics too: recomputing it gives the same numbers
+    again = selfcheck.self_check(insp.model, selfcheck.PseudoSet.build(list(pset.images[:4].numpy()), 2),
+                                 normals, cfg, insp.device)  # fmt: skip
+    assert 0 <= again["image_auroc"] <= 1 and again["n_normal"] == 4
+
+
+def test_denoising_pairs_are_deterministic(synth_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("tiny", {"train": {"denoise": 0.5}})
+    paths = find_images(synth_root / "train" / "good")[:12]
+    ds = NormalImages(paths, [p.name for p in paths], cfg, train=True)
+    pairs = [ds[i] for i in range(12)]
+    corrupted = [i for i, (x, y) in enumerate(pairs) if not torch.equal(x, y)]
+    assert 2 <= len(corrupted) <= 10  # about half
+    assert all(torch.equal(ds[i][0], pairs[i][0]) for i in range(12))  # same (seed, epoch, index)
+    # the target is the plain augmented image: the same as without denoising
+    plain = NormalImages(paths, [p.name for p in paths], load_config("tiny"), train=True)
+    assert all(torch.equal(plain[i], pairs[i][1]) for i in range(12))
+    assert NormalImages(paths, [p.name for p in paths], cfg, train=False)[0].dim() == 3  # eval: no pairs
+    res = train(load_config("tiny", {**FAST, "train": {**FAST["train"], "denoise": 0.5, "epochs": 1}}),
+                synth_root, tmp_path / "dn", device="cpu", progress=False)  # fmt: skip
+    assert np.isfinite(float(_log_rows(res.run_dir)[0]["train_loss"]))

@@ -1,0 +1,250 @@
+"""Self-supervised validation: synthetic anomalies (``data.pseudo``) pasted into held-out normal images,
+scored with the map the Inspector would compute, without any labelled defect.
+
+Used three ways by the trainer: to choose the checkpoint (``train.select: pseudo``, plain map), to choose the
+map and score settings that need no retraining (``map: auto``) and to report a self-check after training.
+Maps are computed at model resolution exactly as ``Inspector.model_maps_scored`` does (decode of the posterior
+mean, ``ops.maps.pixel_map``, per-pixel standardisation and smoothing scales from normal-map statistics of the
+training images, as calibration computes them); the image score is ``postprocess.score`` of that map.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from imganom.config import Config, MapConfig, PostprocessConfig
+from imganom.data.pseudo import FAMILIES, pseudo_anomalies
+from imganom.models.vae import ConvVAE
+from imganom.ops.device_post import image_scores_t
+from imganom.ops.maps import gaussian_blur, multiscale_map, pixel_map
+from imganom.ops.metrics import EvalAccumulator, PixelMetrics
+
+log = logging.getLogger(__name__)
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+MAX_STATS_IMAGES = 512  # as calibration: normal-map statistics converge long before
+# map: auto candidates (postprocess.topk stays as configured)
+MIXES = ((1.0, 0.0), (0.5, 0.5), (0.0, 1.0))  # (l1, ssim)
+SCALES = ((), (4.0,), (8.0,), (16.0,))
+SIGMAS = (1.0, 2.0, 4.0)
+STANDARDIZE = ("off", "score")
+SCORES = ("max", "topk_mean")
+# below these the self-check warns (synthetic defects are usually easier than real ones)
+POOR = {"image_auroc": 0.8, "pixel_auroc": 0.8, "aupro": 0.5}
+
+
+@dataclass
+class PseudoSet:
+    """Held-out normals followed by their pseudo-anomalous copies (one per family and image)."""
+
+    images: torch.Tensor  # (n + m, C, h, w) float32: n normals, then m anomalous
+    masks: np.ndarray  # (n + m, h, w) bool; all False for the normals
+    families: list[str]  # "" for the normals
+    n_normal: int
+
+    @classmethod
+    def build(cls, views: Sequence[np.ndarray], seed: int, families: Sequence[str] = FAMILIES) -> PseudoSet:
+        """From model-sized normal views (CHW float32)."""
+        samples = pseudo_anomalies(list(views), seed, families)
+        imgs = np.stack([*views, *(s.image for s in samples)]).astype(np.float32)
+        h, w = imgs.shape[-2:]
+        masks = np.concatenate([np.zeros((len(views), h, w), bool), np.stack([s.mask for s in samples])])
+        return cls(torch.from_numpy(imgs), masks, [""] * len(views) + [s.family for s in samples], len(views))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return (np.arange(len(self.families)) >= self.n_normal).astype(np.int64)
+
+
+@torch.no_grad()
+def reconstruct(model: ConvVAE, x: torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """Decode of the posterior mean, fp32, eval mode (as the Inspector on the CPU): (N, C, h, w), CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(x), batch):
+            xb = x[i : i + batch].to(device)
+            mu, _ = model.encode(xb)
+            out.append(model.decode(mu).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def _sigmas(mcfg: MapConfig, sigma: float) -> list[float]:
+    return [float(sigma), *mcfg.scales] if mcfg.scales else []
+
+
+def normal_statistics(raw: torch.Tensor, mcfg: MapConfig, sigma: float) -> dict[str, torch.Tensor]:
+    """Calibration's normal-map statistics from raw (unsmoothed) normal maps (N, h, w): per-pixel mean and
+    floored std, and for ``map.scales`` each smoothing scale's global mean and std."""
+    r = raw.double()
+    std = r.std(0, correction=1) if len(r) > 1 else torch.zeros_like(r[0])
+    out = {"map_mean": r.mean(0).float(), "map_std": std.clamp_min(float(std.mean()) * 0.1 + 1e-6).float()}
+    sig = _sigmas(mcfg, sigma)
+    if sig:
+        blurred = [gaussian_blur(raw, s).double() for s in sig]
+        out["scale_mean"] = torch.tensor([float(b.mean()) for b in blurred], dtype=torch.float32)
+        out["scale_std"] = torch.tensor([max(float(b.std(correction=0)), 1e-6) for b in blurred])
+    return out
+
+
+def head_maps(
+    raw: torch.Tensor, mcfg: MapConfig, sigma: float, stats: dict[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw maps (N, h, w) -> (mask maps, score maps) as ``Inspector.model_maps_scored`` computes them."""
+    stats = stats or {}
+    z = mcfg.standardize if "map_mean" in stats else "off"
+    sig = _sigmas(mcfg, sigma) if "scale_mean" in stats else []
+    smaps = None
+    if z != "off":
+        zraw = (raw - stats["map_mean"]) / stats["map_std"]
+        if z == "score":
+            smaps = gaussian_blur(zraw, sigma)
+        else:
+            raw = zraw
+    maps = (
+        multiscale_map(raw, sig, stats["scale_mean"], stats["scale_std"])
+        if sig
+        else gaussian_blur(raw, sigma)
+    )
+    return maps, maps if smaps is None else smaps
+
+
+def pixel_metrics(maps: torch.Tensor, pset: PseudoSet) -> dict[str, float]:
+    """Pooled pixel AUROC and AUPRO@0.3 (``ops.metrics``) of maps (N, h, w) against the pseudo masks."""
+    m = maps.numpy()
+    lo, hi = float(m.min()), float(m.max())
+    pm = PixelMetrics(lo, hi + max(hi - lo, 1e-6) * 1e-3, bins=4096)
+    for a, k in zip(m, pset.masks):
+        pm.add(a, k)
+    r = pm.compute(0.3)
+    return {"pixel_auroc": r["auroc"], "aupro": r["aupro_0.3"]}
+
+
+def evaluate(
+    maps: torch.Tensor, score_maps: torch.Tensor, pset: PseudoSet, pp: PostprocessConfig
+) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC and AUPRO (and per family) of one map setting on the pseudo set."""
+    scores = image_scores_t(score_maps, pp).numpy()
+    m = maps.numpy()
+    lo, hi = float(m.min()), float(m.max())
+    acc = EvalAccumulator(lo, hi + max(hi - lo, 1e-6) * 1e-3, bins=4096)
+    for s, y, a, k, fam in zip(scores, pset.labels, m, pset.masks, pset.families):
+        acc.add(float(s), int(y), a, k, fam)
+    r = acc.compute()
+    out: dict[str, Any] = {
+        "image_auroc": r["image"]["auroc"], "pixel_auroc": r["pixel"]["auroc"],
+        "aupro": r["pixel"]["aupro_0.3"], "n_normal": pset.n_normal,
+        "n_anomalous": len(pset.families) - pset.n_normal,
+    }  # fmt: skip
+    out["per_family"] = {
+        f: {"image_auroc": t["image_auroc"], "pixel_auroc": t["pixel_auroc"], "aupro": t["aupro_0.3"]}
+        for f, t in r["per_type"].items()
+    }
+    return out
+
+
+def mean_metric(m: dict[str, Any]) -> float:
+    """The single number that ranks settings and checkpoints: mean of image AUROC, pixel AUROC and AUPRO."""
+    vals = [m[k] for k in METRICS if m.get(k) is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def pseudo_score(model: ConvVAE, pset: PseudoSet, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Checkpoint choice: metrics of the configured map without normal-map statistics (plain, one scale)."""
+    recon = reconstruct(model, pset.images, device)
+    plain = cfg.map.model_copy(update={"standardize": "off", "scales": []})
+    maps, smaps = head_maps(pixel_map(pset.images, recon, plain), plain, cfg.postprocess.sigma, None)
+    return evaluate(maps, smaps, pset, cfg.postprocess)
+
+
+def _candidate_maps(cfg: Config, tile: bool) -> list[MapConfig]:
+    reduces = ("mean", "max") if cfg.preprocess.channels > 1 else (cfg.map.channel_reduce,)
+    out = []
+    for (l1, ss), red in itertools.product(MIXES, reduces):
+        base = cfg.map.model_copy(
+            update={"l1": l1, "l2": 0.0, "ssim": ss, "channel_reduce": red, "auto": False}
+        )
+        for scales, z in itertools.product(SCALES, STANDARDIZE):
+            if tile and (scales or z != "off"):
+                continue  # tiled views have no fixed place: no normal-map statistics (calibration)
+            out.append(base.model_copy(update={"scales": list(scales), "standardize": z}))
+    return out
+
+
+def choose_map(
+    model: ConvVAE, pset: PseudoSet, normal_views: torch.Tensor, cfg: Config, device: torch.device
+) -> tuple[Config, dict[str, Any]]:
+    """``map: auto``: the map/score settings with the best mean pseudo metric. Returns the config with them
+    (``map.auto`` off) and a record: the choice, its metrics and the ranked candidates."""
+    recon_p = reconstruct(model, pset.images, device)
+    recon_n = reconstruct(model, normal_views, device)
+    tile = cfg.preprocess.resize == "tile"
+    rows: list[dict[str, Any]] = []
+    raw_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    pix_cache: dict[tuple, dict[str, float]] = {}
+    for mcfg, sigma in itertools.product(_candidate_maps(cfg, tile), SIGMAS):
+        key = (mcfg.l1, mcfg.ssim, mcfg.channel_reduce)
+        if key not in raw_cache:
+            raw_cache[key] = (pixel_map(pset.images, recon_p, mcfg), pixel_map(normal_views, recon_n, mcfg))
+        raw_p, raw_n = raw_cache[key]
+        stats = None if tile else normal_statistics(raw_n, mcfg, sigma)
+        maps, smaps = head_maps(raw_p, mcfg, sigma, stats)
+        pkey = (*key, tuple(mcfg.scales), sigma)
+        if pkey not in pix_cache:
+            pix_cache[pkey] = pixel_metrics(maps, pset)
+        for score in SCORES:
+            pp = cfg.postprocess.model_copy(update={"sigma": sigma, "score": score})
+            img = float(roc_auc_score(pset.labels, image_scores_t(smaps, pp).numpy()))
+            m = {"image_auroc": img, **pix_cache[pkey]}
+            setting = {
+                "l1": mcfg.l1, "ssim": mcfg.ssim, "channel_reduce": mcfg.channel_reduce,
+                "standardize": mcfg.standardize, "scales": list(mcfg.scales), "sigma": sigma, "score": score,
+            }  # fmt: skip
+            rows.append({"setting": setting, **m, "mean": mean_metric(m)})
+    rows.sort(key=lambda r: -r["mean"])
+    best = rows[0]["setting"]
+    upd = {k: best[k] for k in ("l1", "ssim", "channel_reduce", "standardize", "scales")}
+    new = cfg.model_copy(
+        update={
+            "map": cfg.map.model_copy(update={**upd, "l2": 0.0, "auto": False}),
+            "postprocess": cfg.postprocess.model_copy(
+                update={"sigma": best["sigma"], "score": best["score"]}
+            ),
+        }
+    )
+    log.info("map: auto chose %s (pseudo mean %.3f of %d settings)", best, rows[0]["mean"], len(rows))
+    return new, {"chosen": best, "metrics": {k: rows[0][k] for k in (*METRICS, "mean")}, "candidates": rows}
+
+
+def self_check(
+    model: ConvVAE, pset: PseudoSet, normal_views: torch.Tensor, cfg: Config, device: torch.device
+) -> dict[str, Any]:
+    """Metrics of the final map settings (with normal-map statistics from ``normal_views``, as calibration
+    computes them from the training images) on a pseudo set; ``poor`` names the metrics below ``POOR``."""
+    mcfg, sigma = cfg.map, cfg.postprocess.sigma
+    raw = pixel_map(pset.images, reconstruct(model, pset.images, device), mcfg)
+    stats = None
+    if (mcfg.standardize != "off" or mcfg.scales) and cfg.preprocess.resize != "tile":
+        stats = normal_statistics(
+            pixel_map(normal_views, reconstruct(model, normal_views, device), mcfg), mcfg, sigma
+        )
+    maps, smaps = head_maps(raw, mcfg, sigma, stats)
+    out = evaluate(maps, smaps, pset, cfg.postprocess)
+    out["poor"] = [k for k, lim in POOR.items() if out.get(k) is not None and out[k] < lim]
+    return out
+
+
+def stats_subset(n: int) -> slice:
+    """Every k-th of ``n`` normal images so that at most ``MAX_STATS_IMAGES`` are used (as calibration)."""
+    return slice(None, None, max(1, -(-n // MAX_STATS_IMAGES)))
