@@ -75,7 +75,6 @@ def load_model(
         fail(f"--threshold-source must be one of {', '.join(THRESHOLD_SOURCES)}, got {threshold_source!r}")
     from imganom.formats.modelfile import ModelFileError
     from imganom.inference import load_inspector
-    from imganom.ops.postprocess import load_roi
 
     try:
         insp = load_inspector(
@@ -85,18 +84,18 @@ def load_model(
             image_threshold=image_threshold,
             pixel_threshold=pixel_threshold,
             threshold_source=threshold_source,
+            roi=roi,
         )
     except ImportError as e:
         if Path(model).suffix.lower() != ".onnx":
             raise
         fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
-    except (ModelFileError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. an unknown or absent device
+    except (
+        ModelFileError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # ValueError: e.g. a bad ROI; RuntimeError: device
         fail(str(e))
-    if roi is not None:
-        try:
-            insp.roi = load_roi(roi, tuple(insp.cfg.preprocess.size))
-        except ValueError as e:
-            fail(str(e))
     if not insp.calibrated:
         if require_calibrated:
             fail("model is not calibrated (no image/pixel thresholds): run imganom calibrate first")

@@ -23,9 +23,9 @@ import numpy as np
 from fastapi import Request
 
 from imganom.data.readers import ImageMeta, ImageReadError, read_image_bytes, read_options, to_uint8_preview
-from imganom.inference.inspector import Inspector, Result
+from imganom.inference.inspector import Inspector
+from imganom.inference.result import Result, verdict
 from imganom.ops.postprocess import postprocess
-from imganom.ops.thresholds import normalize_score
 from imganom.reporting.writers import encode_png, heatmap_vmax, render_overlay
 from imganom.serve.batcher import MicroBatcher
 from imganom.serve.errors import ApiError, busy, classify_read_error
@@ -75,11 +75,10 @@ def rethreshold(
     thr_p = r.thresholds["pixel"] if pixel_threshold is None else pixel_threshold
     mask, regions, norm, bad = r.mask, r.regions, r.norm_score, r.is_anomalous
     if pixel_threshold is not None:
-        roi = insp._roi_for(r.anomaly_map.shape)  # same ROI/border the inspector used for this map
+        roi = insp.roi_for(r.anomaly_map.shape)  # same ROI/border the inspector used for this map
         mask, regions = postprocess(r.anomaly_map, pixel_threshold, insp.cfg.postprocess, roi)
     if image_threshold is not None:
-        scale = insp.score_scale or max(abs(image_threshold) * 0.1, 1e-6)  # as in Inspector.finish
-        norm, bad = float(normalize_score(r.score, image_threshold, scale)), r.score > image_threshold
+        norm, bad = verdict(r.score, image_threshold, insp.score_scale)  # as the Inspector judges
     return replace(
         r,
         norm_score=norm,
