@@ -80,7 +80,8 @@ def test_report_html_is_self_contained_and_escaped(report: tuple[Path, list[dict
     assert len(data) == len(rows) and EVIL_ID in {d["id"] for d in data}
     assert [d["cat"] for d in data[:2]] == ["error", "error"]
     assert data[2]["img"]["preview"].startswith("previews/") and "%20" in next(
-        d["img"]["preview"] for d in data if d["id"].startswith("lot 7/"))
+        d["img"]["preview"] for d in data if d["id"].startswith("lot 7/")
+    )
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -153,8 +154,10 @@ def test_report_in_browser(driver, report: tuple[Path, list[dict]], tmp_path: Pa
     for img in imgs:
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", img)
     _wait(driver, "return [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
-    broken = driver.execute_script("return [...document.querySelectorAll('#gallery img')]"
-                                   ".filter(i => !(i.naturalWidth > 0)).map(i => i.src)")
+    broken = driver.execute_script(
+        "return [...document.querySelectorAll('#gallery img')]"
+        ".filter(i => !(i.naturalWidth > 0)).map(i => i.src)"
+    )
     assert broken == []
 
     # Hostile ids and messages are text, not markup.
@@ -184,7 +187,8 @@ def test_report_in_browser(driver, report: tuple[Path, list[dict]], tmp_path: Pa
     search = driver.find_element(By.ID, "search")
     search.send_keys("sub/")
     assert sorted(c.get_attribute("data-id") for c in _cards(driver)) == sorted(
-        r["id"] for r in rows if "sub/" in r["id"])
+        r["id"] for r in rows if "sub/" in r["id"]
+    )
     search.send_keys(Keys.BACKSPACE * 4, Keys.ESCAPE)  # typed, so 'input' fires; Esc leaves the box
     assert len(_cards(driver)) == 12
 
@@ -238,3 +242,17 @@ def test_report_without_rows_or_summary(tmp_path: Path) -> None:
     html = write_report(tmp_path, [], {}).read_text(encoding="utf-8")
     assert 'id="histogram"' not in html and 'data-filter="ng"' in html
     assert re.search(r'<script type="application/json" id="rows">\[\]</script>', html)
+
+
+def test_render_page_writes_a_template_with_version(tmp_path: Path) -> None:
+    from imganom.reporting.html import render_page
+    from imganom.utils.version import __version__
+
+    counts = {"total": 0, "ok": 0, "ng": 0, "error": 0}
+    ctx = dict(counts={"all": 0, "ng": 0, "ok": 0, "error": 0}, header_counts=counts, thresholds={}, model={},
+               throughput=None, started=None, finished=None, extra={}, hist=None, data="[]")  # fmt: skip
+    path = render_page("report.html.j2", tmp_path / "sub" / "page.html", title="<My & title>", **ctx)
+    html = path.read_text(encoding="utf-8")
+    assert path == tmp_path / "sub" / "page.html" and __version__ in html
+    assert "&lt;My &amp; title&gt;" in html and "<My & title>" not in html  # autoescaped
+    assert [p.name for p in path.parent.iterdir()] == ["page.html"]  # no temp file left behind

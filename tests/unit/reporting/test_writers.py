@@ -17,7 +17,9 @@ from imganom.reporting.writers import (
     colorize,
     encode_jpeg,
     encode_png,
+    heatmap_vmax,
     output_stem,
+    read_jsonl,
     render_overlay,
     write_item_outputs,
 )
@@ -50,7 +52,7 @@ def test_output_stem_never_escapes(item_id: str, tmp_path: Path) -> None:
     stem = output_stem(item_id)
     target = (tmp_path / f"{stem}.png").resolve()
     assert target.is_relative_to(tmp_path.resolve())
-    assert not any(ch in stem for ch in '\\:?#=')
+    assert not any(ch in stem for ch in "\\:?#=")
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -228,3 +230,23 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     write_json_atomic(p, {"x": np.float64(0.5), "n": float("inf"), "p": Path("a/b")})
     assert json.loads(p.read_text()) == {"x": 0.5, "n": None, "p": "a/b"}
     assert [x.name for x in p.parent.iterdir()] == ["summary.json"]
+
+
+def test_read_jsonl_tolerates_only_a_torn_last_line(tmp_path: Path) -> None:
+    p = tmp_path / "results.jsonl"
+    assert read_jsonl(p) == ([], False)
+    p.write_text('{"id": "a"}\n{"id": "b"}\n')
+    assert read_jsonl(p) == ([{"id": "a"}, {"id": "b"}], False)
+    p.write_text('{"id": "a"}\n{"id": "b", "sco')  # killed mid-append
+    assert read_jsonl(p) == ([{"id": "a"}], True)
+    p.write_text('{"id": "a"}\n{"id": "b"}')  # complete row, newline missing
+    assert read_jsonl(p) == ([{"id": "a"}, {"id": "b"}], True)
+    p.write_text('{"id": "a"}\nnot json\n{"id": "c"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(p)
+
+
+def test_heatmap_vmax_is_twice_the_image_threshold() -> None:
+    assert heatmap_vmax(0.3, 5.0) == 0.6  # calibrated: the threshold sits mid-scale whatever the score
+    assert heatmap_vmax(None, 0.8) == 0.8  # uncalibrated: the image's own score
+    assert heatmap_vmax(0.0, 0.0) == 1e-6 and heatmap_vmax(-1.0, 2.0) == 2.0  # never an empty scale
