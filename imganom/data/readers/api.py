@@ -190,8 +190,11 @@ def _read_slice(name, dec: Decoded, k, intensity, channels, channel_policy) -> t
             np.subtract(1.0, x, out=x)
         if op == "repeat":
             x = np.repeat(x, 3, axis=0)
-        elif op == "luma":
-            x = (x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2])[None]
+        elif op == "luma":  # in place: one temporary plane at a time
+            y = x[0] * _LUMA[0]
+            y += x[1] * _LUMA[1]
+            y += x[2] * _LUMA[2]
+            x = y[None]
         chw = np.ascontiguousarray(x, dtype=np.float32)
     return chw, ImageMeta(name, (h, w), stored, c, dec.fmt, k if dec.n_slices > 1 else None)
 

@@ -57,7 +57,8 @@ def _check_deflated(fh: BinaryIO, name: str, force: bool, limit: int) -> bool:
             while inflate.unconsumed_tail and total <= limit:
                 total += len(inflate.decompress(inflate.unconsumed_tail, limit + 1 - total))
         if total > limit:
-            raise ImageReadError(name, f"deflated DICOM data inflates to more than {limit} bytes (budget)")
+            raise ImageReadError(name, f"deflated DICOM data inflates to more than {limit} bytes "
+                                 f"(max_bytes + {_HEADER_ALLOWANCE >> 20} MiB for the other elements)")
     fh.seek(0)
     return deflated
 

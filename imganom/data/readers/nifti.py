@@ -70,7 +70,7 @@ class NiftiReader(ImageReader):
             raise ImageReadError(name, f"NIfTI shape {shape}: last axis of {c} volumes is not a channel axis "
                                  f"(at most {MAX_PLANES}); 4-D series are not supported")  # fmt: skip
         check_slices(name, n)
-        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize + int(img.header.get_data_offset())
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize + int(getattr(img.dataobj, "offset", 0))
         if gz:
             check_claim(name, f"voxel data of shape {shape} ({dtype})", claimed, src.size * DEFLATE_MAX_RATIO,
                         " once inflated (deflate expands at most 1032 times)")  # fmt: skip
