@@ -72,7 +72,7 @@ def find_images(
             if e.name.startswith("."):
                 continue
             p = folder / e.name
-            if not e.is_dir():
+            if not _is_dir(e):
                 if _has_ext(e.name, exts):
                     found.append(p)
                 continue
@@ -90,6 +90,14 @@ def find_images(
     walk(root, frozenset({top or (-1, -1)}))
     found.sort(key=lambda q: _rel_posix(q, root))
     return found
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()`` following links; False when that fails (a symlink loop raises ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _dir_key(p: Path) -> tuple[int, int] | None:
