@@ -3,9 +3,9 @@ scored with the map the Inspector would compute, without any labelled defect.
 
 Used three ways by the trainer: to choose the checkpoint (``train.select: pseudo``, plain map), to choose the
 map and score settings that need no retraining (``map: auto``) and to report a self-check after training.
-Maps are computed at model resolution exactly as ``Inspector.model_maps_scored`` does (decode of the posterior
-mean, ``ops.maps.pixel_map``, per-pixel standardisation and smoothing scales from normal-map statistics of the
-training images, as calibration computes them); the image score is ``postprocess.score`` of that map.
+Maps and image scores come from ``ops.head.AnomalyHead`` at model resolution, as the Inspector computes them
+(decode of the posterior mean; per-pixel standardisation and smoothing scales from normal-map statistics of
+the training images, computed as calibration does).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from imganom.config import Config, MapConfig, PostprocessConfig
+from imganom.config import Config, MapConfig
 from imganom.data.pseudo import FAMILIES, pseudo_anomalies
 from imganom.models.vae import ConvVAE
-from imganom.ops.device_post import image_scores_t
-from imganom.ops.maps import gaussian_blur, multiscale_map, pixel_map
+from imganom.ops.head import AnomalyHead, HeadOutput, image_scores
+from imganom.ops.maps import gaussian_blur
 from imganom.ops.metrics import EvalAccumulator, PixelMetrics
 
 log = logging.getLogger(__name__)
@@ -98,26 +98,21 @@ def normal_statistics(raw: torch.Tensor, mcfg: MapConfig, sigma: float) -> dict[
     return out
 
 
-def head_maps(
-    raw: torch.Tensor, mcfg: MapConfig, sigma: float, stats: dict[str, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw maps (N, h, w) -> (mask maps, score maps) as ``Inspector.model_maps_scored`` computes them."""
-    stats = stats or {}
-    z = mcfg.standardize if "map_mean" in stats else "off"
-    sig = _sigmas(mcfg, sigma) if "scale_mean" in stats else []
-    smaps = None
-    if z != "off":
-        zraw = (raw - stats["map_mean"]) / stats["map_std"]
-        if z == "score":
-            smaps = gaussian_blur(zraw, sigma)
-        else:
-            raw = zraw
-    maps = (
-        multiscale_map(raw, sig, stats["scale_mean"], stats["scale_std"])
-        if sig
-        else gaussian_blur(raw, sigma)
-    )
-    return maps, maps if smaps is None else smaps
+def _with(cfg: Config, mcfg: MapConfig, sigma: float, score: str | None = None) -> Config:
+    pp = cfg.postprocess.model_copy(update={"sigma": sigma, "score": score or cfg.postprocess.score})
+    return cfg.model_copy(update={"map": mcfg, "postprocess": pp})
+
+
+def raw_maps(head: AnomalyHead, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Unsmoothed single-scale maps (N, h, w) of the head's map definition (what statistics measure)."""
+    return head.raw_map(x, [recon], smooth=False, backend="torch")
+
+
+def head_output(head: AnomalyHead, raw: torch.Tensor) -> HeadOutput:
+    """``AnomalyHead`` outputs from unsmoothed raw maps: its smoothing, standardisation and scales."""
+    if head.fused:  # the head smooths the map term in the same pass: the same blur
+        raw = gaussian_blur(raw, head.sigma)
+    return head.finish(raw, torch.zeros(len(raw)))
 
 
 def pixel_metrics(maps: torch.Tensor, pset: PseudoSet) -> dict[str, float]:
@@ -131,12 +126,10 @@ def pixel_metrics(maps: torch.Tensor, pset: PseudoSet) -> dict[str, float]:
     return {"pixel_auroc": r["auroc"], "aupro": r["aupro_0.3"]}
 
 
-def evaluate(
-    maps: torch.Tensor, score_maps: torch.Tensor, pset: PseudoSet, pp: PostprocessConfig
-) -> dict[str, Any]:
+def evaluate(head: AnomalyHead, out: HeadOutput, pset: PseudoSet) -> dict[str, Any]:
     """Image AUROC, pixel AUROC and AUPRO (and per family) of one map setting on the pseudo set."""
-    scores = image_scores_t(score_maps, pp).numpy()
-    m = maps.numpy()
+    scores = image_scores(out, head.post_cfg, head.roi, head.n_roi).numpy()
+    m = out.maps.numpy()
     lo, hi = float(m.min()), float(m.max())
     acc = EvalAccumulator(lo, hi + max(hi - lo, 1e-6) * 1e-3, bins=4096)
     for s, y, a, k, fam in zip(scores, pset.labels, m, pset.masks, pset.families):
@@ -163,9 +156,10 @@ def mean_metric(m: dict[str, Any]) -> float:
 def pseudo_score(model: ConvVAE, pset: PseudoSet, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Checkpoint choice: metrics of the configured map without normal-map statistics (plain, one scale)."""
     recon = reconstruct(model, pset.images, device)
-    plain = cfg.map.model_copy(update={"standardize": "off", "scales": []})
-    maps, smaps = head_maps(pixel_map(pset.images, recon, plain), plain, cfg.postprocess.sigma, None)
-    return evaluate(maps, smaps, pset, cfg.postprocess)
+    head = AnomalyHead(
+        _with(cfg, cfg.map.model_copy(update={"standardize": "off", "scales": []}), cfg.postprocess.sigma)
+    )
+    return evaluate(head, head_output(head, raw_maps(head, pset.images, recon)), pset)
 
 
 def _candidate_maps(cfg: Config, tile: bool) -> list[MapConfig]:
@@ -182,11 +176,11 @@ def _candidate_maps(cfg: Config, tile: bool) -> list[MapConfig]:
     return out
 
 
-def choose_map(
+def rank_settings(
     model: ConvVAE, pset: PseudoSet, normal_views: torch.Tensor, cfg: Config, device: torch.device
-) -> tuple[Config, dict[str, Any]]:
-    """``map: auto``: the map/score settings with the best mean pseudo metric. Returns the config with them
-    (``map.auto`` off) and a record: the choice, its metrics and the ranked candidates."""
+) -> list[dict[str, Any]]:
+    """Every ``map: auto`` candidate scored on ``pset`` (any labelled set in ``PseudoSet`` form), best mean
+    first: ``[{"setting": {...}, "image_auroc", "pixel_auroc", "aupro", "mean"}]``."""
     recon_p = reconstruct(model, pset.images, device)
     recon_n = reconstruct(model, normal_views, device)
     tile = cfg.preprocess.resize == "tile"
@@ -196,16 +190,19 @@ def choose_map(
     for mcfg, sigma in itertools.product(_candidate_maps(cfg, tile), SIGMAS):
         key = (mcfg.l1, mcfg.ssim, mcfg.channel_reduce)
         if key not in raw_cache:
-            raw_cache[key] = (pixel_map(pset.images, recon_p, mcfg), pixel_map(normal_views, recon_n, mcfg))
+            plain = AnomalyHead(_with(cfg, mcfg, sigma))
+            raw_cache[key] = (raw_maps(plain, pset.images, recon_p), raw_maps(plain, normal_views, recon_n))
         raw_p, raw_n = raw_cache[key]
         stats = None if tile else normal_statistics(raw_n, mcfg, sigma)
-        maps, smaps = head_maps(raw_p, mcfg, sigma, stats)
-        pkey = (*key, tuple(mcfg.scales), sigma)
-        if pkey not in pix_cache:
-            pix_cache[pkey] = pixel_metrics(maps, pset)
         for score in SCORES:
-            pp = cfg.postprocess.model_copy(update={"sigma": sigma, "score": score})
-            img = float(roc_auc_score(pset.labels, image_scores_t(smaps, pp).numpy()))
+            head = AnomalyHead(_with(cfg, mcfg, sigma, score), stats)
+            out = head_output(head, raw_p)
+            pkey = (*key, tuple(mcfg.scales), sigma)
+            if pkey not in pix_cache:
+                pix_cache[pkey] = pixel_metrics(out.maps, pset)
+            img = float(
+                roc_auc_score(pset.labels, image_scores(out, head.post_cfg, head.roi, head.n_roi).numpy())
+            )
             m = {"image_auroc": img, **pix_cache[pkey]}
             setting = {
                 "l1": mcfg.l1, "ssim": mcfg.ssim, "channel_reduce": mcfg.channel_reduce,
@@ -213,15 +210,19 @@ def choose_map(
             }  # fmt: skip
             rows.append({"setting": setting, **m, "mean": mean_metric(m)})
     rows.sort(key=lambda r: -r["mean"])
+    return rows
+
+
+def choose_map(
+    model: ConvVAE, pset: PseudoSet, normal_views: torch.Tensor, cfg: Config, device: torch.device
+) -> tuple[Config, dict[str, Any]]:
+    """``map: auto``: the map/score settings with the best mean pseudo metric. Returns the config with them
+    (``map.auto`` off) and a record: the choice, its metrics and the ranked candidates."""
+    rows = rank_settings(model, pset, normal_views, cfg, device)
     best = rows[0]["setting"]
     upd = {k: best[k] for k in ("l1", "ssim", "channel_reduce", "standardize", "scales")}
-    new = cfg.model_copy(
-        update={
-            "map": cfg.map.model_copy(update={**upd, "l2": 0.0, "auto": False}),
-            "postprocess": cfg.postprocess.model_copy(
-                update={"sigma": best["sigma"], "score": best["score"]}
-            ),
-        }
+    new = _with(
+        cfg, cfg.map.model_copy(update={**upd, "l2": 0.0, "auto": False}), best["sigma"], best["score"]
     )
     log.info("map: auto chose %s (pseudo mean %.3f of %d settings)", best, rows[0]["mean"], len(rows))
     return new, {"chosen": best, "metrics": {k: rows[0][k] for k in (*METRICS, "mean")}, "candidates": rows}
@@ -233,14 +234,14 @@ def self_check(
     """Metrics of the final map settings (with normal-map statistics from ``normal_views``, as calibration
     computes them from the training images) on a pseudo set; ``poor`` names the metrics below ``POOR``."""
     mcfg, sigma = cfg.map, cfg.postprocess.sigma
-    raw = pixel_map(pset.images, reconstruct(model, pset.images, device), mcfg)
+    plain = AnomalyHead(cfg)
+    raw = raw_maps(plain, pset.images, reconstruct(model, pset.images, device))
     stats = None
     if (mcfg.standardize != "off" or mcfg.scales) and cfg.preprocess.resize != "tile":
-        stats = normal_statistics(
-            pixel_map(normal_views, reconstruct(model, normal_views, device), mcfg), mcfg, sigma
-        )
-    maps, smaps = head_maps(raw, mcfg, sigma, stats)
-    out = evaluate(maps, smaps, pset, cfg.postprocess)
+        normal_raw = raw_maps(plain, normal_views, reconstruct(model, normal_views, device))
+        stats = normal_statistics(normal_raw, mcfg, sigma)
+    head = AnomalyHead(cfg, stats)
+    out = evaluate(head, head_output(head, raw), pset)
     out["poor"] = [k for k, lim in POOR.items() if out.get(k) is not None and out[k] < lim]
     return out
 

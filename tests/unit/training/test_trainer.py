@@ -22,7 +22,7 @@ from imganom.config import CONFIG_DIR, AugmentConfig, load_config
 from imganom.data.discovery import find_images
 from imganom.formats.modelfile import load_model, read_meta, update_calibration
 from imganom.inference.inspector import Inspector
-from imganom.ops.maps import pixel_map
+from imganom.ops.head import AnomalyHead
 from imganom.training.dataset import NormalImages, build_augment
 from imganom.training.trainer import LOG_COLUMNS, train
 
@@ -382,11 +382,12 @@ def test_self_check_maps_are_the_inspectors(synth_root: Path, tmp_path: Path) ->
         0,
     )
     want_maps, _, want_scores = insp.model_maps_scored(pset.images)
-    raw_n = pixel_map(normals, selfcheck.reconstruct(insp.model, normals, insp.device), cfg.map)
+    plain = AnomalyHead(cfg)  # no statistics: the raw map
+    raw_n = selfcheck.raw_maps(plain, normals, selfcheck.reconstruct(insp.model, normals, insp.device))
     mine = selfcheck.normal_statistics(raw_n, cfg.map, cfg.postprocess.sigma)
     assert set(mine) == set(stats) and all(torch.allclose(mine[k], stats[k], atol=1e-6) for k in stats)
-    raw = pixel_map(pset.images, selfcheck.reconstruct(insp.model, pset.images, insp.device), cfg.map)
-    maps, score_maps = selfcheck.head_maps(raw, cfg.map, cfg.postprocess.sigma, mine)
+    raw = selfcheck.raw_maps(plain, pset.images, selfcheck.reconstruct(insp.model, pset.images, insp.device))
+    maps, _, score_maps = selfcheck.head_output(AnomalyHead(cfg, mine), raw)
     assert torch.allclose(maps, want_maps, atol=1e-5) and torch.allclose(score_maps, want_scores, atol=1e-5)
     # and the stored self-check used these statistics too: recomputing it gives the same numbers
     again = selfcheck.self_check(insp.model, selfcheck.PseudoSet.build(list(pset.images[:4].numpy()), 2),
