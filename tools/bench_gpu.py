@@ -43,8 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from imganom.config import Config, load_config  # noqa: E402
 from imganom.formats.modelfile import ModelMeta, save_model  # noqa: E402
+from imganom.inference.compiled import vae_forward  # noqa: E402
 from imganom.inference.inspector import Inspector  # noqa: E402
-from imganom.inference.pipeline import is_oom, release_memory, vae_forward  # noqa: E402
+from imganom.inference.pipeline import is_oom, release_memory  # noqa: E402
 from imganom.models.vae import ConvVAE  # noqa: E402
 from imganom.ops.triton_maps import compute_anomaly_map, triton_available  # noqa: E402
 from imganom.reporting.writers import OutputOptions  # noqa: E402
@@ -191,7 +192,7 @@ def stage_vae(insp: Inspector, batch: int, iters: int, warmup: int) -> tuple[flo
     x = torch.rand(batch, cfg.preprocess.channels, *cfg.preprocess.size, device=dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    fwd = insp._compiled or (lambda v: vae_forward(insp.model, v))
+    fwd = insp.backend.compiled or (lambda v: vae_forward(insp.model, v))
 
     @torch.no_grad()
     def run() -> object:

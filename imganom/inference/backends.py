@@ -29,7 +29,7 @@ from imganom.formats.onnxfile import (
     open_session,
     parse_onnx_props,
 )
-from imganom.inference.pipeline import CompiledVAE, keep_output_layer_fp32
+from imganom.inference.compiled import CompiledVAE, keep_output_layer_fp32
 from imganom.models.vae import ConvVAE, kl_divergence
 from imganom.ops.head import AnomalyHead, HeadOutput
 from imganom.utils.device import autocast_dtype, resolve_device

@@ -1,4 +1,5 @@
-"""One device batch on its way through ``Inspector.predict_stream``: host views -> backend -> results.
+"""Device batches on their way through ``Inspector.predict_stream`` (``stream``): host views -> backend ->
+results.
 
 ``host_views`` builds the model views of a batch in one (pinned, on CUDA) host tensor; ``launch`` queues
 the backend's work in OOM-adaptive chunks, resamples the maps to the original sizes and, where the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from imganom.data.preprocess import Geometry, prepare, to_original
 from imganom.data.readers import ImageMeta
-from imganom.inference.pipeline import HostCopy, host_map, run_adaptive
+from imganom.inference.pipeline import HostCopy, Prefetcher, host_map, pipelined, run_adaptive
 from imganom.inference.result import Result
 from imganom.ops.device_post import binarize_t
 from imganom.ops.head import HeadOutput, image_scores
@@ -236,3 +238,45 @@ def collect(insp: Inspector, batch: Batch, keep_image: bool) -> list[Result]:
             insp.make_result(item_id, float(scores[j]), amap, mask, regions, timing, meta, image, size)
         )
     return results
+
+
+def stream(
+    insp: Inspector,
+    source: Iterable[tuple[Any, list[Item], list[float] | None]],
+    keep_image: bool = False,
+    errors: str = "raise",
+) -> Iterator[tuple[Any, list[Result] | Exception]]:
+    """``Inspector.predict_stream``: host views, launch and collect of each batch, pipelined on CUDA."""
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+    catch: tuple[type[Exception], ...] = (RuntimeError, ValueError) if errors == "return" else ()
+
+    def host() -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        for tag, items, dms in source:
+            items = list(items)
+            b = Batch(tag, items, list(dms) if dms is not None else [0.0] * len(items))
+            try:
+                x = host_views(insp, b)
+            except catch as e:
+                b.error, x = e, None
+            yield b, x
+
+    def launched(bx: tuple[Batch, torch.Tensor | None]) -> Batch:
+        b, x = bx
+        if b.error is None:
+            try:
+                launch(insp, b, x)
+            except catch as e:
+                b.error = e
+        return b
+
+    def collected(b: Batch) -> tuple[Any, list[Result] | Exception]:
+        if b.error is not None:
+            return b.tag, b.error
+        try:
+            return b.tag, collect(insp, b, keep_image)
+        except catch as e:
+            return b.tag, e
+
+    depth = 1 if insp.device.type == "cuda" else 0
+    return pipelined(Prefetcher(host(), insp.device), launched, collected, depth)

@@ -32,7 +32,7 @@ from imganom.formats.modelfile import ModelMeta, load_model
 from imganom.inference import batches
 from imganom.inference.backends import OnnxBackend, TorchBackend
 from imganom.inference.inputs import InputLike, load_input
-from imganom.inference.pipeline import AdaptiveBatch, Prefetcher, pipelined
+from imganom.inference.pipeline import AdaptiveBatch
 from imganom.inference.result import Result, verdict
 from imganom.models.vae import ConvVAE
 from imganom.ops.head import HeadOutput
@@ -286,39 +286,7 @@ class Inspector:
         ``errors``: ``"raise"``, or ``"return"`` to get a RuntimeError/ValueError of a batch in place of its
         results (e.g. to retry it image by image) while the stream goes on.
         """
-        if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        catch: tuple[type[Exception], ...] = (RuntimeError, ValueError) if errors == "return" else ()
-
-        def host() -> Iterator[tuple[batches.Batch, torch.Tensor | None]]:
-            for tag, items, dms in stream:
-                items = list(items)
-                b = batches.Batch(tag, items, list(dms) if dms is not None else [0.0] * len(items))
-                try:
-                    x = batches.host_views(self, b)
-                except catch as e:
-                    b.error, x = e, None
-                yield b, x
-
-        def launch(bx: tuple[batches.Batch, torch.Tensor | None]) -> batches.Batch:
-            b, x = bx
-            if b.error is None:
-                try:
-                    batches.launch(self, b, x)
-                except catch as e:
-                    b.error = e
-            return b
-
-        def collect(b: batches.Batch) -> tuple[Any, list[Result] | Exception]:
-            if b.error is not None:
-                return b.tag, b.error
-            try:
-                return b.tag, batches.collect(self, b, keep_image)
-            except catch as e:
-                return b.tag, e
-
-        depth = 1 if self.device.type == "cuda" else 0
-        return pipelined(Prefetcher(host(), self.device), launch, collect, depth)
+        return batches.stream(self, stream, keep_image, errors)
 
     def predict(self, x: InputLike | list, keep_image: bool = False) -> Result | list[Result]:
         """One input -> Result; a list/tuple -> list of Results (one device batch)."""

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from imganom.cli.main import app
@@ -121,8 +122,6 @@ def test_onnx_inspector_matches_inspector(trained: dict) -> None:
     # ELBO output and the graph's own score output for model-sized inputs
     x = np.stack([oi.load_input(p)[0] for p in paths[:9]])
     _, score, elbo = oi.backend.session.run(None, {"images": x})
-    import torch
-
     ref_maps, ref_elbo = ref.model_maps(torch.from_numpy(x))
     np.testing.assert_allclose(elbo, ref_elbo.numpy(), rtol=1e-4)
     np.testing.assert_allclose(score, [r.score for r in want[:9]], rtol=1e-4)
@@ -274,3 +273,47 @@ def test_multiscale_map_exports_and_matches(trained: dict) -> None:
     assert read_onnx_meta(out)["export"]["scales"] == [ref.cfg.postprocess.sigma, 4.0]
     got = load_inspector(out, threads=1).predict(trained["images"])
     _assert_parity(got, ref.predict(trained["images"]), PARITY_RTOL_STANDARDIZED)
+
+
+def test_load_inspector_same_keywords_same_results_for_onnx_and_safetensors(trained: dict) -> None:
+    """One loader, one set of keywords (device, precision, thresholds, roi file, maps) for both formats."""
+    roi = trained["root"] / "roi.png"
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :44] = 255  # inspect the left two thirds only
+    cv2.imwrite(str(roi), mask)
+    paths = trained["images"]
+    kw = dict(device="cpu", precision="fp32", roi=roi, maps="ng")
+    ref = load_inspector(trained["model"], **kw)
+    thr = float(np.median([r.score for r in ref.predict(paths)]))  # half OK, half NG: both paths covered
+    ref, got = (load_inspector(p, image_threshold=thr, **kw) for p in (trained["model"], trained["onnx"]))
+    assert isinstance(got.backend, OnnxBackend) and got.roi.shape == (64, 64) and not got.roi[:, 50].any()
+    assert np.array_equal(got.roi_for((48, 80)), ref.roi_for((48, 80)))
+    a, b = got.predict(paths), ref.predict(paths)
+    assert {r.verdict for r in b} == {"OK", "NG"}
+    for ra, rb in zip(a, b):
+        assert ra.score == pytest.approx(rb.score, rel=1e-4, abs=1e-7) and ra.verdict == rb.verdict, ra.id
+        assert (ra.anomaly_map is None) == (rb.anomaly_map is None) == (ra.verdict == "OK"), ra.id
+        if ra.anomaly_map is not None:
+            assert not ra.mask[:, 50:].any() and np.mean(ra.mask != rb.mask) <= 1e-3, ra.id
+    whole = load_inspector(trained["onnx"], device="cpu", image_threshold=thr)  # no ROI: other scores
+    assert any(w.score != r.score for w, r in zip(whole.predict(paths), a))
+    with pytest.raises(ValueError, match="compile"):
+        load_inspector(trained["onnx"], compile=True)
+    with pytest.raises(RuntimeError, match="baked"):
+        got.with_calibration(stats={"map_mean": torch.zeros(64, 64)})
+
+
+def test_calibrating_an_onnx_inspector_matches_torch(trained: dict) -> None:
+    """Thresholds need only scores and maps: an exported model calibrates like its source."""
+    normals = sorted((trained["root"] / "data" / "train" / "good").glob("*.png"))[:12]
+    cal_t, _ = calibrate(Inspector.load(trained["model"], device="cpu"), normals)
+    onnx_insp = load_inspector(trained["onnx"], device="cpu", threads=1)
+    cal_o, stats = calibrate(onnx_insp, normals)
+    assert stats == {}
+    for k in ("image_threshold", "pixel_threshold"):
+        assert cal_o[k] == pytest.approx(cal_t[k], rel=1e-3), k
+    std = _variant(trained, "std_calib", map={"standardize": "score"})
+    out = trained["root"] / "std_calib.onnx"
+    export_onnx(std, out, threads=1)  # uncalibrated: no statistics baked in
+    with pytest.raises(RuntimeError, match="safetensors"):
+        calibrate(load_inspector(out, device="cpu"), normals)

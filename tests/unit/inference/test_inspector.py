@@ -406,3 +406,31 @@ def test_calibration_keeps_statistics_and_threshold_images_apart(
     cal3, stats3 = calibrate(insp, normals, keep_stats=True)
     assert stats3 == {} and cal3["n_images"] == len(normals)
     assert torch.equal(insp.stats["map_mean"], stats["map_mean"])
+
+
+def test_with_options_and_roi_give_new_inspectors(tiny_model: Path, layout, tmp_path: Path) -> None:
+    """An Inspector never changes: with_options / with_calibration return new ones on the same backend."""
+    base = Inspector.load(tiny_model, device="cpu")
+    defect = next(it for it in layout.test if it.label == 1)
+    gt = _gray(defect.mask_path) > 0
+    ys, xs = np.nonzero(gt)
+    roi = np.ones((64, 64), bool)
+    roi[max(0, ys.min() - 6) : ys.max() + 7, max(0, xs.min() - 6) : xs.max() + 7] = False  # hide the defect
+    masked = base.with_options(roi=roi, maps="ng")
+    assert base.roi is None and base.maps == "all" and masked.backend is base.backend
+    assert (masked.image_threshold, masked.pixel_threshold) == (base.image_threshold, base.pixel_threshold)
+    r_base, r_masked = base.predict(defect.path), masked.predict(defect.path)
+    assert r_base.verdict == "NG" and r_masked.score < r_base.score
+    assert r_masked.anomaly_map is None or not r_masked.mask[~roi].any()
+    # the ROI is resized to each map's shape and the border comes off it, scaled like the map
+    assert masked.roi_for((128, 128)).shape == (128, 128) and not masked.roi_for((128, 128)).all()
+    assert np.array_equal(masked._roi_for((32, 32)), masked.roi_for((32, 32)))  # former name, same method
+    # a ROI file at load time is the same ROI
+    path = tmp_path / "roi.png"
+    cv2.imwrite(str(path), roi.astype(np.uint8) * 255)
+    from_file = Inspector.load(tiny_model, device="cpu", roi=path)
+    assert np.array_equal(from_file.roi, roi) and from_file.predict(defect.path).score == r_masked.score
+    lax = base.with_options(image_threshold=1e9)
+    assert lax.predict(defect.path).verdict == "OK" and base.predict(defect.path).verdict == "NG"
+    with pytest.raises(TypeError, match="unknown option"):
+        base.with_options(sigma=3)

@@ -1,4 +1,4 @@
-"""The device fast path (``imganom.inference.pipeline`` and its hooks in ``Inspector`` / ``run_inspect``).
+"""The device fast path (``inference.pipeline``, ``inference.compiled``) and its use by ``Inspector``.
 
 CPU tests check everything that does not need a GPU: torch morphology vs OpenCV (bit-exact), device-side
 scores vs numpy, OOM halving with an injected OOM, the prefetcher and pipeline ordering, and the
@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from imganom.config import PostprocessConfig
+from imganom.inference.compiled import keep_output_layer_fp32, pad_batch
 from imganom.inference.inspector import Inspector
 from imganom.inference.pipeline import (
     AdaptiveBatch,
     HostCopy,
     Prefetcher,
     is_oom,
-    keep_output_layer_fp32,
-    pad_batch,
     pipelined,
     run_adaptive,
 )
