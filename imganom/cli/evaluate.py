@@ -9,17 +9,11 @@ import typer
 from imganom.cli.common import EXIT_RUNTIME, console, fail, progress_bar, setup
 from imganom.cli.options import (
     BatchSizeOpt,
-    DeviceOpt,
-    ImageThresholdOpt,
-    ModelOpt,
+    ModelOptions,
     NoReportOpt,
-    PixelThresholdOpt,
-    PrecisionOpt,
-    RoiOpt,
-    ThresholdSourceOpt,
     VerboseOpt,
     WorkersOpt,
-    load_model,
+    with_model_options,
 )
 
 
@@ -27,17 +21,12 @@ def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+@with_model_options
 def evaluate(
-    model: ModelOpt,
+    model: ModelOptions,
     data: Path = typer.Option(..., "--data", help="MVTec-style root (test/<type>, ground_truth/<type>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (metrics.json, report.html)."),
     batch_size: BatchSizeOpt = 16,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    image_threshold: ImageThresholdOpt = None,
-    pixel_threshold: PixelThresholdOpt = None,
-    threshold_source: ThresholdSourceOpt = "normal",
-    roi: RoiOpt = None,
     worst: int = typer.Option(8, "--worst", min=0, help="Worst false positives/negatives to show."),
     workers: WorkersOpt = 2,
     no_report: NoReportOpt = False,
@@ -54,21 +43,14 @@ def evaluate(
         fail(str(e))
     if not layout.test:
         fail(f"{data}: no test images under test/")
-    insp = load_model(
-        model,
-        device=device,
-        precision=precision,
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        threshold_source=threshold_source,
-        roi=roi,
-    )
+    insp = model.load()
     with progress_bar("evaluate") as progress:
         task = progress.add_task("evaluate", total=len(layout.test))
         try:
             m = run_evaluate(
-                insp, layout, out, batch_size, worst, workers=workers, threshold_source=threshold_source,
-                report=not no_report, on_progress=lambda done, _: progress.update(task, completed=done),
+                insp, layout, out, batch_size, worst, workers=workers,
+                threshold_source=model.threshold_source, report=not no_report,
+                on_progress=lambda done, _: progress.update(task, completed=done),
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - any failure mid-run is a runtime failure (exit 1)
             fail(f"evaluation failed: {type(e).__name__}: {e}", EXIT_RUNTIME)

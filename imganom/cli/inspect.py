@@ -10,40 +10,29 @@ import typer
 from imganom.cli.common import EXIT_NG, console, fail, progress_bar, setup
 from imganom.cli.options import (
     BatchSizeOpt,
-    DeviceOpt,
-    ImageThresholdOpt,
-    ModelOpt,
+    ModelOptions,
     NoReportOpt,
-    PixelThresholdOpt,
-    PrecisionOpt,
     RawMapsOpt,
     RecursiveOpt,
-    RoiOpt,
-    ThresholdSourceOpt,
     VerboseOpt,
     WorkersOpt,
     check_raw_maps,
-    load_model,
+    with_model_options,
 )
 
 
+@with_model_options
 def inspect(
-    model: ModelOpt,
+    model: ModelOptions,
     inputs: list[Path] = typer.Option(
         ..., "--input", "-i", help="Folder, image file or .txt list (repeatable)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
     workers: WorkersOpt = 2,
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
     fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
-    image_threshold: ImageThresholdOpt = None,
-    pixel_threshold: PixelThresholdOpt = None,
-    threshold_source: ThresholdSourceOpt = "normal",
-    roi: RoiOpt = None,
     raw_maps: RawMapsOpt = None,
     no_report: NoReportOpt = False,
     verbose: VerboseOpt = False,
@@ -56,15 +45,7 @@ def inspect(
     from imganom.workflows.inspect import InspectStats, run_inspect
 
     check_raw_maps(raw_maps)
-    insp = load_model(
-        model,
-        device=device,
-        precision=precision,
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        threshold_source=threshold_source,
-        roi=roi,
-    )
+    insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
     )

@@ -1,15 +1,20 @@
-"""Options that several commands share, and ``load_model``: the one way a command gets its inspector.
+"""Options that several commands share, and ``ModelOptions``: the one way a command gets its inspector.
 
 ``inspect``, ``evaluate``, ``watch`` and ``serve`` take the same model options (``--model`` as a model file,
 run directory or ``.onnx`` export; ``--roi``; ``--image-threshold`` / ``--pixel-threshold`` /
-``--threshold-source``; ``--device``; ``--precision``) with the same meaning and the same errors (exit 2).
-Only typer and pathlib are imported here, so ``imganom --help`` stays fast.
+``--threshold-source``; ``--device``; ``--precision``), declared once here (``with_model_options``), with the
+same meaning and the same errors (exit 2). Only typer and the standard library are imported here, so
+``imganom --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -55,52 +60,81 @@ def check_raw_maps(raw_maps: str | None) -> None:
         fail(f"--raw-maps must be npy or png16, got {raw_maps!r}")
 
 
-def load_model(
-    model: Path,
-    *,
-    device: str = "auto",
-    precision: str = "auto",
-    image_threshold: float | None = None,
-    pixel_threshold: float | None = None,
-    threshold_source: str = "normal",
-    roi: Path | None = None,
-    require_calibrated: bool = False,
-) -> Inspector:
-    """The inspector for ``--model`` (an ``.onnx`` export runs in onnxruntime), threshold overrides and
-    ``--roi`` applied. Exits 2 on a bad option, model, device or ROI, or a missing onnxruntime. An
-    uncalibrated model is an error with ``require_calibrated``, else a warning."""
-    if precision not in PRECISIONS:
-        fail(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if threshold_source not in THRESHOLD_SOURCES:
-        fail(f"--threshold-source must be one of {', '.join(THRESHOLD_SOURCES)}, got {threshold_source!r}")
-    from imganom.formats.modelfile import ModelFileError
-    from imganom.inference import load_inspector
+@dataclass(frozen=True)
+class ModelOptions:
+    """The shared model options of one command line (see ``with_model_options``)."""
 
-    try:
-        insp = load_inspector(
-            model,
-            device=device,
-            precision=precision,
-            image_threshold=image_threshold,
-            pixel_threshold=pixel_threshold,
-            threshold_source=threshold_source,
-            roi=roi,
-        )
-    except ImportError as e:
-        if Path(model).suffix.lower() != ".onnx":
-            raise
-        fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
-    except (
-        ModelFileError,
-        ValueError,
-        RuntimeError,
-    ) as e:  # ValueError: e.g. a bad ROI; RuntimeError: device
-        fail(str(e))
-    if not insp.calibrated:
-        if require_calibrated:
-            fail("model is not calibrated (no image/pixel thresholds): run imganom calibrate first")
-        console.print(
-            "[yellow]warning:[/yellow] model is not calibrated: no verdicts or masks "
-            "(run imganom calibrate, or pass --image-threshold/--pixel-threshold)"
-        )
-    return insp
+    model: Path
+    device: str = "auto"
+    precision: str = "auto"
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    threshold_source: str = "normal"
+    roi: Path | None = None
+
+    def load(self, *, require_calibrated: bool = False) -> Inspector:
+        """The inspector for ``--model`` (an ``.onnx`` export runs in onnxruntime), threshold overrides and
+        ``--roi`` applied. Exits 2 on a bad option, model, device or ROI, or a missing onnxruntime. An
+        uncalibrated model is an error with ``require_calibrated``, else a warning."""
+        if self.precision not in PRECISIONS:
+            fail(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.threshold_source not in THRESHOLD_SOURCES:
+            sources = ", ".join(THRESHOLD_SOURCES)
+            fail(f"--threshold-source must be one of {sources}, got {self.threshold_source!r}")
+        from imganom.formats.modelfile import ModelFileError
+        from imganom.inference import load_inspector
+
+        kw = asdict(self)
+        try:
+            insp = load_inspector(kw.pop("model"), **kw)
+        except ImportError as e:
+            if self.model.suffix.lower() != ".onnx":
+                raise
+            fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
+        except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
+            fail(str(e))
+        if not insp.calibrated:
+            if require_calibrated:
+                fail("model is not calibrated (no image/pixel thresholds): run imganom calibrate first")
+            console.print(
+                "[yellow]warning:[/yellow] model is not calibrated: no verdicts or masks "
+                "(run imganom calibrate, or pass --image-threshold/--pixel-threshold)"
+            )
+        return insp
+
+
+_MODEL_OPTIONS = {  # ModelOptions field -> (annotation with its typer option, default)
+    "model": (ModelOpt, inspect.Parameter.empty),
+    "device": (DeviceOpt, "auto"),
+    "precision": (PrecisionOpt, "auto"),
+    "image_threshold": (ImageThresholdOpt, None),
+    "pixel_threshold": (PixelThresholdOpt, None),
+    "threshold_source": (ThresholdSourceOpt, "normal"),
+    "roi": (RoiOpt, None),
+}
+
+
+def with_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command the shared model options; it receives them as one ``ModelOptions`` in its
+    ``model`` parameter. ``--model`` is listed first, the other model options after the command's own (before
+    ``--verbose``)."""
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.name != "model"
+    ]
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in _MODEL_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def run(**kw: Any) -> Any:
+        opts = ModelOptions(**{name: kw.pop(name) for name in _MODEL_OPTIONS})
+        return command(model=opts, **kw)
+
+    cut = next((k for k, p in enumerate(own) if p.name == "verbose"), len(own))  # --verbose stays last
+    params = [shared[0], *own[:cut], *shared[1:], *own[cut:]]
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {}  # typer reads the (already evaluated) annotations from the signature
+    return run

@@ -10,19 +10,14 @@ import typer
 
 from imganom.cli.common import console, fail, setup
 from imganom.cli.options import (
-    DeviceOpt,
-    ImageThresholdOpt,
-    ModelOpt,
-    PixelThresholdOpt,
-    PrecisionOpt,
-    RoiOpt,
-    ThresholdSourceOpt,
-    load_model,
+    ModelOptions,
+    with_model_options,
 )
 
 
+@with_model_options
 def serve(
-    model: ModelOpt,
+    model: ModelOptions,
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most images per device batch."),
@@ -37,12 +32,6 @@ def serve(
         None, "--max-pixels", min=1, help="Image size limit H*W (413); default: the model's."
     ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", min=0.001, help="Per-request time limit (504)."),
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    image_threshold: ImageThresholdOpt = None,
-    pixel_threshold: PixelThresholdOpt = None,
-    threshold_source: ThresholdSourceOpt = "normal",
-    roi: RoiOpt = None,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Info logging and an access log."),
 ) -> None:
     """Serve POST /v1/inspect (+ /healthz, /readyz, /v1/model, /metrics) with micro-batching."""
@@ -55,25 +44,9 @@ def serve(
         from imganom.serve.app import ServeSettings, create_app
     except ImportError as e:
         fail(f"{e.name} is not installed; install the server extras: pip install 'imganom[serve]'")
-    insp = load_model(
-        model,
-        device=device,
-        precision=precision,
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        threshold_source=threshold_source,
-        roi=roi,
-        require_calibrated=True,
-    )
-    try:
-        settings = ServeSettings(
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
-            max_body_mb=max_body_mb,
-            max_pixels=max_pixels,
-            timeout_s=timeout_s,
-        )
+    insp = model.load(require_calibrated=True)
+    try:  # ServeSettings fields in order
+        settings = ServeSettings(max_batch, max_wait_ms, max_queue, max_body_mb, max_pixels, timeout_s)
         api = create_app(insp, settings)
     except ValueError as e:
         fail(str(e))

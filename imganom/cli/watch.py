@@ -9,24 +9,19 @@ import typer
 from imganom.cli.common import EXIT_RUNTIME, console, fail, setup
 from imganom.cli.options import (
     BatchSizeOpt,
-    DeviceOpt,
-    ImageThresholdOpt,
-    ModelOpt,
-    PixelThresholdOpt,
-    PrecisionOpt,
+    ModelOptions,
     RawMapsOpt,
     RecursiveOpt,
-    RoiOpt,
-    ThresholdSourceOpt,
     VerboseOpt,
     check_raw_maps,
-    load_model,
+    with_model_options,
 )
 
 
+@with_model_options
 def watch(
+    model: ModelOptions,
     in_dir: Path = typer.Argument(..., help="Folder to watch for new images."),
-    model: ModelOpt = ...,
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (results, masks, heatmaps, ...)."),
     done: Path | None = typer.Option(None, "--done", help="Inspected files go here (default OUT/done)."),
     error: Path | None = typer.Option(
@@ -42,12 +37,6 @@ def watch(
     once: bool = typer.Option(False, "--once", help="Process the files present now, then exit."),
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    image_threshold: ImageThresholdOpt = None,
-    pixel_threshold: PixelThresholdOpt = None,
-    threshold_source: ThresholdSourceOpt = "normal",
-    roi: RoiOpt = None,
     raw_maps: RawMapsOpt = None,
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html on exit."),
     verbose: VerboseOpt = False,
@@ -70,15 +59,7 @@ def watch(
         check_raw_maps(raw_maps)
         if not in_dir.is_dir():
             fail(f"watched folder not found: {in_dir}")
-        insp = load_model(
-            model,
-            device=device,
-            precision=precision,
-            image_threshold=image_threshold,
-            pixel_threshold=pixel_threshold,
-            threshold_source=threshold_source,
-            roi=roi,
-        )
+        insp = model.load()
 
         from imganom.reporting.writers import OutputOptions
         from imganom.workflows.watch import FolderWatcher, WatchError, WatchOptions, WatchStats

@@ -1,5 +1,5 @@
-"""``cli.options``: the inspecting commands share one set of model options and one loader; ``--help`` stays
-light (no torch)."""
+"""``cli.options``: the inspecting commands share one set of model options (``with_model_options``) and one
+loader (``ModelOptions.load``); ``--help`` stays light (no torch)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import typer
 from helpers import cli_env
 
 from imganom.cli.main import app
-from imganom.cli.options import load_model
+from imganom.cli.options import ModelOptions
 from imganom.workflows.demo import WEIGHTS
 
 MODEL_OPTIONS = {"--model", "--roi", "--image-threshold", "--pixel-threshold", "--threshold-source",
@@ -56,13 +56,13 @@ def test_help_does_not_import_torch() -> None:
     assert out.stdout.strip() == ""
 
 
-def _exit_code(**kw: object) -> tuple[int, str]:
-    """load_model's exit code (0: loaded) and what it printed (unwrapped)."""
+def _exit_code(require_calibrated: bool = False, **kw: object) -> tuple[int, str]:
+    """``ModelOptions(**kw).load()``'s exit code (0: loaded) and what it printed (unwrapped)."""
     from imganom.cli.common import console
 
     with console.capture() as cap:
         try:
-            load_model(**kw)  # type: ignore[arg-type]
+            ModelOptions(**kw).load(require_calibrated=require_calibrated)  # type: ignore[arg-type]
             code = 0
         except typer.Exit as e:
             code = e.exit_code
@@ -87,9 +87,10 @@ def test_load_model_applies_overrides_and_roi(tmp_path: Path) -> None:
     roi = np.zeros((16, 16), np.uint8)
     roi[4:12, 4:12] = 255  # resized to the model's 64 x 64
     cv2.imwrite(str(tmp_path / "roi.png"), roi)
-    insp = load_model(
+    opts = ModelOptions(
         WEIGHTS, device="cpu", image_threshold=1.5, pixel_threshold=0.25, roi=tmp_path / "roi.png"
     )
+    insp = opts.load()
     assert (insp.image_threshold, insp.pixel_threshold) == (1.5, 0.25)
     assert insp.roi.shape == (64, 64) and insp.roi.sum() == 32 * 32 and insp.roi[16:48, 16:48].all()
 
