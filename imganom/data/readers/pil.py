@@ -55,6 +55,20 @@ def _decode_pil(fh: BinaryIO, fmt: str, label: str) -> Decoded:
     )  # fmt: skip
 
 
+def _check_chunks(name: str, data: bytes) -> None:
+    """Refuse a PNG whose chunk lengths overrun the data (OpenCV spends seconds on a 4 GB claimed length)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        if length > len(data) - pos - 12:
+            raise ImageReadError(
+                name, f"corrupt or truncated PNG: chunk {kind!r} at byte {pos} claims {length} bytes, "
+                f"{max(0, len(data) - pos - 12)} left")  # fmt: skip
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
 def _decode_png16(fh: BinaryIO, name: str, head: bytes) -> Decoded:
     h, w = int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
     colour = head[25]
@@ -62,7 +76,9 @@ def _decode_png16(fh: BinaryIO, name: str, head: bytes) -> Decoded:
     def read() -> np.ndarray:
         import cv2
 
-        arr = cv2.imdecode(np.frombuffer(fh.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+        data = fh.read()
+        _check_chunks(name, data)
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise ImageReadError(name, "corrupt or truncated PNG data (OpenCV could not decode it)")
         if arr.ndim == 3 and arr.shape[2] == 3:  # OpenCV returns BGR(A)

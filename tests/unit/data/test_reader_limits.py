@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -262,6 +263,15 @@ def test_empty_volume_is_an_error(tmp_path):
     (tmp_path / "empty.nii").write_bytes(nifti_header((8, 8, 0)))
     with pytest.raises(ImageReadError, match="empty image: 0 slices"):
         count_slices(tmp_path / "empty.nii")
+
+
+def test_png_chunk_claiming_4_gb_is_refused_at_once(files):
+    data = bytearray(files["gray16.png"].read_bytes())
+    data[33:37] = b"\xff\xff\xff\xff"  # the first chunk after IHDR claims 4 GB
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match="corrupt or truncated PNG: chunk .* claims 4294967295 bytes"):
+        read_image_bytes(bytes(data), "long.png")
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_bytes_input_is_checked_the_same(files):
