@@ -12,7 +12,8 @@ image score run on the device and maps/masks come back only for the images that 
 (``maps="all" | "ng" | "none"``); connected components and region statistics stay on the host (OpenCV).
 
 An Inspector does not change after loading: ``with_calibration`` / ``with_options`` return new ones that
-share the backend (and its lock).
+share the backend (and its lock). The map settings (``cfg.map``, ``postprocess.sigma``) and the normal-map
+statistics are built into the backend at load; thresholds, ROI and post-processing are read per batch.
 """
 
 from __future__ import annotations

@@ -71,6 +71,8 @@ def binarize_t(
 
     ``maps > threshold`` inside the ROI (bool (H, W)), opening with ``open_radius``, closing with
     ``close_radius``, ROI re-applied after closing. Same masks as OpenCV, bit for bit.
+    Why two implementations: this one runs where the maps are (CUDA); OpenCV's stays for the host path,
+    24-70x faster than these pools on one CPU thread (128-1024 px maps, radii 1-2).
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
