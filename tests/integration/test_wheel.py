@@ -33,7 +33,8 @@ def test_wheel_contents(wheel: Path) -> None:
     presets = {Path(n).stem for n in names if n.startswith("imganom/config/presets/") and n.endswith(".yaml")}
     assert {"default", "industrial-gray", "industrial-rgb", "medical-mri", "tiny"} <= presets
     assert "imganom/assets/demo.safetensors" in names
-    assert {"imganom/reporting/templates/report.html.j2", "imganom/reporting/templates/evaluate.html.j2"} <= names
+    templates = "imganom/reporting/templates/"
+    assert {templates + "report.html.j2", templates + "evaluate.html.j2"} <= names
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "imganom = imganom.cli.main:app" in zipfile.ZipFile(wheel).read(entry).decode()
