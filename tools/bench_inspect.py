@@ -141,9 +141,9 @@ def end_to_end_inprocess(model_path: Path, folder: Path, out: Path, batch: int, 
 
 def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -> dict[str, float]:
     """Sequential per-stage cost (ms per image) of what ``imganom inspect`` does for each image."""
+    from imganom.reporting.results import ResultsWriter
     from imganom.reporting.writers import (
         OutputOptions,
-        ResultsWriter,
         _as_rgb,
         _downscale,
         colorize,

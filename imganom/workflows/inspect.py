@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from imganom.data.discovery import expand_inputs
 from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
-from imganom.reporting.writers import OutputOptions, ResultsWriter, heatmap_vmax, write_item_outputs
+from imganom.reporting.results import ResultsWriter
+from imganom.reporting.writers import OutputOptions, heatmap_vmax, write_item_outputs
 from imganom.utils.batching import batch_or_each
 from imganom.utils.device import precision_label
 from imganom.utils.files import write_json_atomic

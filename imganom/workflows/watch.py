@@ -25,11 +25,8 @@ One watcher per OUT (an advisory lock on ``OUT/.watch.lock``).
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import logging
 import os
-import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imganom.data.readers import IMAGE_EXTENSIONS
 from imganom.inference.inspector import Inspector
-from imganom.reporting.writers import OutputOptions, ResultsWriter, read_jsonl
+from imganom.reporting.results import ResultsWriter, read_jsonl
+from imganom.reporting.writers import OutputOptions
 from imganom.utils.files import atomic_write_bytes, write_json_atomic
+from imganom.workflows.folders import (
+    WatchError,
+    file_sig,
+    fsync_dir,
+    is_candidate,
+    lock_folder,
+    move_no_clobber,
+    openable,
+    unique_path,
+    unlock_folder,
+)
 from imganom.workflows.inspect import (
     Decoder,
     InspectStats,
@@ -53,86 +61,14 @@ from imganom.workflows.inspect import (
 )
 
 log = logging.getLogger(__name__)
-TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".download", ".swp", "~")
 LOCK_NAME = ".watch.lock"
 SUMMARY_EVERY_S = 5.0  # summary.json is refreshed after a batch at most this often (and always on exit)
 _SLIM_KEYS = ("id", "status", "verdict", "score", "error", "source", "moved_to")
 
 
-class WatchError(RuntimeError):
-    """The watcher cannot start (bad folders, OUT in use by another watcher)."""
-
-
-def is_candidate(name: str) -> bool:
-    """True for names the watcher inspects: visible, not a temp/partial name, an image extension."""
-    low = name.lower()
-    return not name.startswith(".") and not low.endswith(TEMP_SUFFIXES) and low.endswith(IMAGE_EXTENSIONS)
-
-
-def _split_ext(name: str) -> tuple[str, str]:
-    """``a.nii.gz`` -> (``a``, ``.nii.gz``); ``a.png`` -> (``a``, ``.png``)."""
-    low = name.lower()
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if low.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], name[-len(ext) :]
-    stem, ext = os.path.splitext(name)
-    return stem, ext
-
-
-def unique_path(path: Path, sidecar: str = "") -> Path:
-    """``path`` if neither it nor ``path + sidecar`` exists, else ``stem~2.ext``, ``stem~3.ext``..."""
-    stem, ext = _split_ext(path.name)
-    cand, n = path, 1
-    while cand.exists() or (sidecar and cand.with_name(cand.name + sidecar).exists()):
-        n += 1
-        cand = path.with_name(f"{stem}~{n}{ext}")
-    return cand
-
-
-def move_no_clobber(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst`` (parents created) without replacing anything; across filesystems via a fsynced
-    temp copy renamed into place, then the source is removed. Raises FileExistsError if ``dst`` exists."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    try:
-        os.rename(src, dst)
-        return
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-    tmp = dst.with_name(f".{dst.name}.moving.tmp")
-    shutil.copy2(src, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    if dst.exists():
-        tmp.unlink()
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    os.rename(tmp, dst)
-    src.unlink()
-
-
 def _slim(row: dict) -> dict:
     """What the watcher keeps in memory per row (journal lookups, summary); full rows live on disk."""
     return {k: row.get(k) for k in _SLIM_KEYS}
-
-
-def _sig(path: Path) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a regular file, None if it is gone or not a regular file."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
-
-
-def _openable(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.read(1)
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -225,9 +161,9 @@ class FolderWatcher:
         # inside the watched tree these folders are skipped by the scan
         self._skip = {d.resolve() for d in (self.out, self.done_dir, self.error_dir)}
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = _lock(self.out / LOCK_NAME)
+        self._lock_fh = lock_folder(self.out / LOCK_NAME)
         self.writer = ResultsWriter(self.out, resume=True, fsync_every=1)  # repairs a torn last line
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.rows = [_slim(r) for r in read_jsonl(self.writer.jsonl_path)[0]]  # journal order
         self.n_earlier = len(self.rows)
         self._by_key: dict[tuple[str, int, int], dict[str, dict]] = {}
@@ -277,14 +213,14 @@ class FolderWatcher:
         now = time.monotonic()
         ready, present = [], set()
         for path, rel in self.scan():
-            sig = _sig(path)
+            sig = file_sig(path)
             if sig is None:
                 continue
             present.add(path)
             prev = self._seen.get(path)
             if prev is None or prev[:2] != sig:
                 self._seen[path] = (*sig, now)
-            elif now - prev[2] >= self.opt.settle_s and _openable(path):
+            elif now - prev[2] >= self.opt.settle_s and openable(path):
                 ready.append(_Ready(path, rel, *sig))
         for gone in set(self._seen) - present:
             del self._seen[gone]
@@ -338,7 +274,7 @@ class FolderWatcher:
         decoded = [dec[i] for i in range(len(chunk))]
         live: list[tuple[_Job, Item, dict]] = []
         for (job, it), d in zip(chunk, decoded):
-            if d["error"] is not None and _sig(job.file.path) != (job.file.size, job.file.mtime_ns):
+            if d["error"] is not None and file_sig(job.file.path) != (job.file.size, job.file.mtime_ns):
                 self._seen.pop(
                     job.file.path, None
                 )  # changed or vanished since it looked ready: not an error,
@@ -382,7 +318,7 @@ class FolderWatcher:
             else:
                 self.stats.error += 1
         if dst.exists():  # a crash after a cross-device copy, or someone else's file: never replace it
-            if _sig(dst) == (f.size, f.mtime_ns):
+            if file_sig(dst) == (f.size, f.mtime_ns):
                 f.path.unlink(missing_ok=True)
                 self._moved(job, dst, recovered)
                 return
@@ -451,37 +387,4 @@ class FolderWatcher:
             from imganom.reporting.html import write_report
 
             write_report(self.out, rows, summary, title="imganom watch report")
-        _unlock(self._lock_fh)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _lock(path: Path) -> Any:
-    """An exclusive advisory lock (POSIX ``flock``; released by the OS if the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock
-        return None
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise WatchError(f"{path.parent} is in use by another imganom watch") from None
-    return fh
-
-
-def _unlock(fh: Any) -> None:
-    if fh is not None:
-        fh.close()
+        unlock_folder(self._lock_fh)

@@ -10,16 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
+from imganom.reporting.results import CSV_COLUMNS, ResultsWriter, read_jsonl
 from imganom.reporting.writers import (
-    CSV_COLUMNS,
     OutputOptions,
-    ResultsWriter,
     colorize,
     encode_jpeg,
     encode_png,
     heatmap_vmax,
     output_stem,
-    read_jsonl,
     render_overlay,
     write_item_outputs,
 )
