@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imganom.data.discovery import MVTecItem, MVTecLayout, scan_mvtec
 from imganom.data.readers import ImageMeta, ImageReadError, read_image, read_options
-from imganom.evaluation.report import aupro_key, write_evaluation_report
+from imganom.evaluation.report import write_evaluation_report
 from imganom.evaluation.worst import WorstCases, thumb, write_worst
 from imganom.inference.inspector import Result
 from imganom.ops.metrics import EvalAccumulator, downsample_curve
@@ -45,7 +45,6 @@ from imganom.utils.device import precision_label
 from imganom.utils.files import atomic_write_bytes, to_jsonable, write_json_atomic
 
 FPR_LIMIT = 0.3
-AUPRO_KEY = aupro_key(FPR_LIMIT)
 MASK_LEVEL = 127  # mask pixels > this are defect
 HISTOGRAM_RULE = "from the first (stratified) batch: [min(0, 1.5 * min), max(4 * pixel_threshold, 1.5 * max)]"
 
