@@ -23,7 +23,9 @@ def train(
     data: Path = typer.Option(
         ..., "--data", help="Folder of normal images, or an MVTec root (uses train/good)."
     ),
-    config: str = typer.Option("default", "--config", "-c", help="Preset name or YAML path."),
+    config: str = typer.Option(
+        "default", "--config", "-c", help="Preset name, YAML path, or auto (chosen from the data)."
+    ),
     out: Path = typer.Option(Path("runs/latest"), "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/checkpoint.safetensors."),
     device: str = typer.Option("auto", "--device"),
@@ -38,12 +40,15 @@ def train(
 ) -> None:
     """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
     setup(verbose)
-    from imganom.config import ConfigError, load_config
+    from imganom.config import ConfigError
+    from imganom.training.autoconfig import resolve_config
 
     try:
-        cfg = load_config(config, _overrides(epochs, seed, precision, batch_size))
-    except ConfigError as e:
+        cfg, auto = resolve_config(config, data, _overrides(epochs, seed, precision, batch_size))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         fail(str(e))
+    for line in (auto or {}).get("reasons", []):
+        console.print(f"config auto: {line}")
     # torch-heavy imports only once the config is valid: config errors are reported in well under a second
     from imganom.formats.modelfile import update_calibration
     from imganom.inference.inspector import Inspector
@@ -54,7 +59,8 @@ def train(
         from imganom.cli.progress import train_progress
 
         with train_progress(sys.stderr.isatty()) as on_progress:
-            res = run_train(cfg, data, out, resume=resume, device=device, progress=on_progress)
+            notes = {"auto_config": auto} if auto else None
+            res = run_train(cfg, data, out, resume=resume, device=device, progress=on_progress, notes=notes)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     console.print(res.summary)

@@ -89,6 +89,17 @@ def training_images(data: str | Path) -> tuple[list[Path], list[str]]:
     return paths, [relative_id(p, root) for p in paths]
 
 
+def split_images(
+    cfg: Config, data: str | Path
+) -> tuple[tuple[list[Path], list[str]], tuple[list[Path], list[str]]]:
+    """The run's ((train paths, ids), (held-out paths, ids)): ``train.max_images``, then the seeded split."""
+    paths, ids = training_images(data)
+    if cfg.train.max_images:
+        paths, ids = paths[: cfg.train.max_images], ids[: cfg.train.max_images]
+    tr, va = train_val_split(list(range(len(paths))), cfg.train.val_fraction, cfg.train.seed)
+    return ([paths[i] for i in tr], [ids[i] for i in tr]), ([paths[i] for i in va], [ids[i] for i in va])
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -294,10 +305,12 @@ def train(
     resume: bool = False,
     device: str = "auto",
     progress: ProgressFn | bool | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on the normal images under ``data``; writes the run directory and returns a summary.
 
-    ``progress``: called with an ``EpochProgress`` after every batch (False/None: nothing)."""
+    ``progress``: called with an ``EpochProgress`` after every batch (False/None: nothing). ``notes``: extra
+    entries for the model file's training metadata (e.g. ``auto_config``: what ``--config auto`` chose)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,17 +319,9 @@ def train(
     torch.manual_seed(cfg.train.seed)
     on_progress = progress if callable(progress) else None
 
-    paths, ids = training_images(data)
-    if cfg.train.max_images:
-        paths, ids = paths[: cfg.train.max_images], ids[: cfg.train.max_images]
-    idx = list(range(len(paths)))
-    tr_idx, va_idx = train_val_split(idx, cfg.train.val_fraction, cfg.train.seed)
-    train_set = NormalImages([paths[i] for i in tr_idx], [ids[i] for i in tr_idx], cfg, train=True)
-    val_set = (
-        NormalImages([paths[i] for i in va_idx], [ids[i] for i in va_idx], cfg, train=False)
-        if va_idx
-        else None
-    )
+    (tr_paths, tr_ids), (va_paths, va_ids) = split_images(cfg, data)
+    train_set = NormalImages(tr_paths, tr_ids, cfg, train=True)
+    val_set = NormalImages(va_paths, va_ids, cfg, train=False) if va_paths else None
     pseudo_views = (
         val_set or train_set
     ).views()  # no held-out split: the training images (said in the check)
@@ -491,6 +496,7 @@ def train(
         training["map_auto"] = {**map_choice, "candidates": map_choice["candidates"][:20]}
     if check is not None:
         training["self_check"] = check
+    training.update(notes or {})
     model_path = run_dir / "model.safetensors"
     save_model(model_path, model, final_cfg, training=training)
     return TrainResult(
@@ -501,8 +507,8 @@ def train(
         stopped_early,
         interrupted,
         time.perf_counter() - t0,
-        [paths[i] for i in va_idx],
-        [paths[i] for i in tr_idx],
+        va_paths,
+        tr_paths,
         kept,
         selection,
         check,
