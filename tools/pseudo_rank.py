@@ -27,7 +27,8 @@ from imganom.data.readers import read_image, read_options
 from imganom.formats.modelfile import load_model
 from imganom.training import selfcheck
 from imganom.training.dataset import NormalImages
-from imganom.training.trainer import SEED_SELECT, split_images
+from imganom.training.paths import split_images
+from imganom.training.trainer import SEED_SELECT
 
 KEYS = (*selfcheck.METRICS, "mean")
 

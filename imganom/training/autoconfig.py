@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from imganom.config import Config, IntensityConfig, load_config
-from imganom.data.discovery import find_images, is_mvtec_root
 from imganom.data.readers import ImageReadError, read_image
+from imganom.training.paths import training_images
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,7 @@ ASPECT_MIN = 1.4  # ... and at least this far from square give a non-square mode
 
 def image_statistics(data: str | Path, sample: int = SAMPLE) -> dict[str, Any]:
     """Statistics of up to ``sample`` normal images (``train/good`` of an MVTec root, else every image)."""
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {root}")
-    if is_mvtec_root(root):
-        root = root / "train" / "good"
-    paths = find_images(root)
-    if not paths:
-        raise ValueError(f"no images found under {root}")
+    paths, _ = training_images(data)
     paths = paths[:: max(1, len(paths) // sample)][:sample]
     rows, channels, dtypes = [], [], set()
     for p in paths:
@@ -68,7 +61,7 @@ def image_statistics(data: str | Path, sample: int = SAMPLE) -> dict[str, Any]:
         channels.append(meta.channels)
         dtypes.add(meta.dtype)
     if not rows:
-        raise ValueError(f"none of the sampled images under {root} could be read")
+        raise ValueError(f"none of the sampled images under {data} could be read")
     a = np.asarray(rows, dtype=np.float64)
     rng = a[:, 2] - a[:, 0]
     aspect = a[:, 5] / a[:, 4]

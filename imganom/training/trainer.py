@@ -29,12 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from imganom.config import Config
-from imganom.data.discovery import find_images, is_mvtec_root, relative_id, train_val_split
 from imganom.formats.modelfile import save_model
 from imganom.models.losses import kl_weight, vae_loss
 from imganom.models.vae import ConvVAE
 from imganom.training import selfcheck
 from imganom.training.dataset import NormalImages, fingerprint
+from imganom.training.paths import split_images, training_images  # noqa: F401 (re-exported)
 from imganom.utils.device import autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -74,30 +74,6 @@ class EpochProgress:
 
 
 ProgressFn = Callable[[EpochProgress], None]
-
-
-def training_images(data: str | Path) -> tuple[list[Path], list[str]]:
-    """Normal training images: ``train/good`` of an MVTec root, else every image under the folder."""
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {root}")
-    if is_mvtec_root(root):
-        root = root / "train" / "good"
-    paths = find_images(root)
-    if not paths:
-        raise ValueError(f"no images found under {root}")
-    return paths, [relative_id(p, root) for p in paths]
-
-
-def split_images(
-    cfg: Config, data: str | Path
-) -> tuple[tuple[list[Path], list[str]], tuple[list[Path], list[str]]]:
-    """The run's ((train paths, ids), (held-out paths, ids)): ``train.max_images``, then the seeded split."""
-    paths, ids = training_images(data)
-    if cfg.train.max_images:
-        paths, ids = paths[: cfg.train.max_images], ids[: cfg.train.max_images]
-    tr, va = train_val_split(list(range(len(paths))), cfg.train.val_fraction, cfg.train.seed)
-    return ([paths[i] for i in tr], [ids[i] for i in tr]), ([paths[i] for i in va], [ids[i] for i in va])
 
 
 @dataclass
