@@ -309,13 +309,16 @@ def train(
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
     fwd = torch.compile(model) if cfg.train.compile else model
 
-    def pseudo_fn() -> dict[str, Any]:
+    def select_set() -> selfcheck.PseudoSet:  # built once, on first use
         nonlocal pset_select
         if pset_select is None:
             pset_select = selfcheck.PseudoSet.build(
                 list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_SELECT
             )
-        return selfcheck.pseudo_score(model, pset_select, cfg, dev)
+        return pset_select
+
+    def pseudo_fn() -> dict[str, Any]:
+        return selfcheck.pseudo_score(model, select_set(), cfg, dev)
 
     state = {
         "epoch": 0,
@@ -442,19 +445,19 @@ def train(
     log.info("kept epoch %d: %s", kept, selection["reason"])
     model = model.to(memory_format=torch.contiguous_format).eval()
     final_cfg, map_choice, check = cfg, None, None
-    if not interrupted and (cfg.map.auto or cfg.train.self_check):
-        normals = train_set.views()[selfcheck.stats_subset(len(train_set))]
-        if cfg.map.auto:
-            if pset_select is None:
-                pset_select = selfcheck.PseudoSet.build(
-                    list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_SELECT
-                )
-            final_cfg, map_choice = selfcheck.choose_map(model, pset_select, normals, cfg, dev)
-        if cfg.train.self_check:
-            pset = selfcheck.PseudoSet.build(list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_CHECK)
-            check = selfcheck.self_check(model, pset, normals, final_cfg, dev)
-            if val_set is None:
-                check["note"] = "no held-out split: synthetic defects were pasted into training images"
+    try:
+        if not interrupted and (cfg.map.auto or cfg.train.self_check):
+            normals = train_set.views()[selfcheck.stats_subset(len(train_set))]
+            if cfg.map.auto:
+                final_cfg, map_choice = selfcheck.choose_map(model, select_set(), normals, cfg, dev)
+            if cfg.train.self_check:
+                pset = selfcheck.PseudoSet.build(list(pseudo_views.numpy()), cfg.train.seed * 10 + SEED_CHECK)
+                check = selfcheck.self_check(model, pset, normals, final_cfg, dev)
+                if val_set is None:
+                    check["note"] = "no held-out split: synthetic defects were pasted into training images"
+    except KeyboardInterrupt:  # training is complete: resuming redoes only these checks
+        interrupted, final_cfg, map_choice, check = True, cfg, None, None
+        log.warning("interrupted during the self-check; resume to finish it (%s)", ckpt)
     model = model.cpu()
     training = {
         "data": str(data),

@@ -410,3 +410,24 @@ def test_denoising_pairs_are_deterministic(synth_root: Path, tmp_path: Path) -> 
     res = train(load_config("tiny", {**FAST, "train": {**FAST["train"], "denoise": 0.5, "epochs": 1}}),
                 synth_root, tmp_path / "dn", device="cpu", progress=False)  # fmt: skip
     assert np.isfinite(float(_log_rows(res.run_dir)[0]["train_loss"]))
+
+
+def test_interrupt_during_the_self_check_resumes_only_the_check(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imganom.training import selfcheck
+
+    real = selfcheck.self_check
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfcheck, "self_check", interrupted)
+    first = train(_fast_cfg(), synth_root, tmp_path / "r", device="cpu", progress=False)
+    assert first.interrupted and first.epochs_run == 2 and first.self_check is None
+    monkeypatch.setattr(selfcheck, "self_check", real)
+    second = train(_fast_cfg(), synth_root, tmp_path / "r", resume=True, device="cpu", progress=False)
+    assert not second.interrupted and second.self_check is not None and len(_log_rows(second.run_dir)) == 2
+    assert (
+        read_meta(second.model_path).training["self_check"]["image_auroc"] == second.self_check["image_auroc"]
+    )
