@@ -54,4 +54,3 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically and durably."""
     text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     atomic_write_bytes(Path(path), text.encode("utf-8"), fsync=True)
-
