@@ -26,20 +26,18 @@ import datetime as dt
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from imganom.config import Config
 from imganom.export.metadata import update_onnx_thresholds, write_meta_props
 from imganom.formats.modelfile import load_model, resolve_model_path
 from imganom.formats.onnxfile import INPUT_NAME, open_session, read_onnx_meta
-from imganom.models.vae import ConvVAE, kl_divergence
+from imganom.formats.onnxgraph import DEFAULT_OPSET, GraphTraceError, InspectionGraph, trace_onnx
 from imganom.ops.head import AnomalyHead
 
 __all__ = [
@@ -47,7 +45,6 @@ __all__ = [
     "InspectionGraph", "UnsupportedModelError", "export_onnx", "read_onnx_meta", "update_onnx_thresholds",
 ]  # fmt: skip
 
-DEFAULT_OPSET = 18
 # Parity ONNX vs torch (``--check`` and the tests): max |onnx - torch| of a map relative to its max |value|.
 # Both sides are fp32; the SSIM variance terms E[x^2] - E[x]^2 lose ~5e-5 absolute to cancellation in either
 # implementation (measured against float64), so summation order alone moves maps by ~1e-5 of their max.
@@ -64,21 +61,6 @@ class UnsupportedModelError(ExportError):
     """The model's config asks for something the graph cannot compute (a usage error, not a failure)."""
 
 
-class InspectionGraph(nn.Module):
-    """What is traced: ``images`` -> VAE (posterior mean) -> ``AnomalyHead`` outputs (``output_names``)."""
-
-    def __init__(self, vae: ConvVAE, head: AnomalyHead):
-        super().__init__()
-        self.vae, self.head = vae, head
-        self.output_names = head.output_names
-        self.eval()  # torch.onnx.export restores this mode afterwards: eval, or BatchNorm uses batch stats
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = images.float()
-        mu, logvar, recon = self.vae.reconstruct(x)
-        return self.head(x, recon.float(), kl_divergence(mu.float(), logvar.float()))
-
-
 @dataclass
 class ExportReport:
     """What ``export_onnx`` did."""
@@ -90,27 +72,6 @@ class ExportReport:
     size_bytes: int
     max_rel_diff: float | None = None  # --check: max |onnx - torch| / max|map| over the check batches
     notes: list[str] = field(default_factory=list)
-
-
-def _trace_export(graph: InspectionGraph, example: torch.Tensor, path: Path, opset: int) -> str:
-    """torch.onnx.export, TorchScript tracer first (fast, static kernels), the dynamo exporter as fallback."""
-    names = dict(input_names=[INPUT_NAME], output_names=list(graph.output_names))
-    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in graph.output_names}}
-    errors = []
-    for dynamo in (False, True):
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1)
-            kw = dict(dynamo=True, verbose=False, dynamic_shapes={INPUT_NAME: {0: batch}})
-        else:
-            kw = dict(dynamo=False, dynamic_axes=axes, do_constant_folding=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(graph, (example,), str(path), opset_version=opset, **kw, **names)
-            return "dynamo" if dynamo else "torchscript"
-        except Exception as e:  # noqa: BLE001 - try the other exporter, report both
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(e).__name__}: {str(e)[:500]}")
-    raise ExportError("ONNX export failed:\n  " + "\n  ".join(errors))
 
 
 def _parity(graph: InspectionGraph, path: Path, cfg: Config, threads: int | None) -> float:
@@ -182,7 +143,10 @@ def export_onnx(
     tmp = Path(tmp_name)
     try:
         example = torch.rand(2, cfg.preprocess.channels, *cfg.preprocess.size)
-        exporter = _trace_export(graph, example, tmp, opset)
+        try:
+            exporter = trace_onnx(graph, example, tmp, opset)
+        except GraphTraceError as e:
+            raise ExportError(str(e)) from None
         proto = onnx.load(str(tmp))
         standardized = graph.head.standardize != "off"
         info = {

@@ -3,10 +3,12 @@
 * ``TorchBackend``: the ConvVAE on a torch device (autocast, optional ``torch.compile``) followed by the
   ``AnomalyHead`` (map term on the fused Triton kernels on CUDA, Monte-Carlo draws, standardisation,
   smoothing). Calibration's raw maps come from here too.
-* ``OnnxBackend``: an exported graph (``imganom export``: the same VAE + head, traced) in onnxruntime. Its
-  map settings and statistics are baked into the graph: no raw maps, no new statistics.
+* ``GraphBackend``s run the inspection graph (``formats.onnxgraph``: the same VAE + head, traced; an
+  ``imganom export`` file or a ``.safetensors`` model traced on load, ``inference.graphs``):
+  ``OnnxBackend`` in onnxruntime, ``OpenVinoBackend`` compiled by OpenVINO for the CPU. Their map settings
+  and statistics are baked into the graph: no raw maps, no new statistics.
 
-Both hold a lock that serialises their device work, shared by every Inspector made from them.
+Each holds a lock that serialises its device work, shared by every Inspector made from it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from imganom.formats.onnxfile import (
     model_meta_from_onnx,
     open_session,
     parse_onnx_props,
+    read_onnx_meta,
 )
 from imganom.inference.compiled import CompiledVAE, keep_output_layer_fp32
 from imganom.models.vae import ConvVAE, kl_divergence
@@ -43,6 +46,7 @@ class TorchBackend:
     """
 
     kind = "torch"
+    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.autoselect)
 
     def __init__(
         self,
@@ -140,44 +144,39 @@ def onnx_providers(device: str) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
 
-class OnnxBackend:
-    """An exported graph in an onnxruntime session; results come back to the host (``device`` is the CPU,
-    where post-processing runs). ``export_info``: the file's ``imganom.export`` metadata."""
+class GraphBackend:
+    """What the graph runtimes share: an exported (or traced) inspection graph whose map settings and
+    statistics are baked in; results come back to the host (``device`` is the CPU, where post-processing
+    runs). Subclasses give ``_run`` (float32 (N, C, h, w) -> the ``outputs`` arrays). ``export_info``: the
+    file's ``imganom.export`` metadata (``scales``); ``threads``: the runtime's intra-op threads."""
 
-    kind = "onnx"
+    kind = "graph"
     model = None  # no torch model
-    amp = None  # the graph is fp32
+    amp: torch.dtype | None = None  # fp32 graph
+    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.autoselect)
 
-    def __init__(self, session: Any, cfg: Config, path: Path | None = None, export_info: dict | None = None):
-        self.session, self.cfg, self.path = session, cfg, path
+    def __init__(
+        self,
+        cfg: Config,
+        path: Path | None,
+        export_info: dict | None,
+        inputs: list[tuple[str, list]],
+        outputs: list[str],
+        threads: int | None = None,
+    ):
+        self.cfg, self.path, self.threads = cfg, path, threads
         self.export_info = export_info or {}
         self.device = torch.device("cpu")
         self.stats: dict[str, torch.Tensor] = {}
         self.lock = threading.Lock()
-        ins, outs = session.get_inputs(), [o.name for o in session.get_outputs()]
         want = [cfg.preprocess.channels, *cfg.preprocess.size]
-        if len(ins) != 1 or ins[0].name != INPUT_NAME or list(ins[0].shape[1:]) != want:
-            got = [(i.name, i.shape) for i in ins]
+        if len(inputs) != 1 or inputs[0][0] != INPUT_NAME or list(inputs[0][1][1:]) != want:
             raise ModelFileError(
-                f"{path}: graph input {got} does not match the metadata ({INPUT_NAME} {want})"
+                f"{path}: graph input {inputs} does not match the metadata ({INPUT_NAME} {want})"
             )
-        if not {"anomaly_map", "elbo"} <= set(outs):
-            raise ModelFileError(f"{path}: graph outputs {sorted(outs)} lack anomaly_map/elbo")
-        self._outputs = ["anomaly_map", "elbo"] + ([SCORE_MAP] if SCORE_MAP in outs else [])
-
-    @classmethod
-    def open(
-        cls, path: str | Path, device: str = "auto", threads: int | None = None
-    ) -> tuple[OnnxBackend, ModelMeta]:
-        """Open an exported file: (backend, the model metadata it carries). ``threads``: onnxruntime's
-        intra-op threads (None: its default). Raises ModelFileError for a missing or foreign file."""
-        p = Path(path)
-        if not p.is_file():
-            raise ModelFileError(f"ONNX file not found: {p}")
-        sess = open_session(p, onnx_providers(device), threads)
-        d = parse_onnx_props(dict(sess.get_modelmeta().custom_metadata_map), p)
-        meta = model_meta_from_onnx(d, p)
-        return cls(sess, meta.cfg, p, d.get("export")), meta
+        if not {"anomaly_map", "elbo"} <= set(outputs):
+            raise ModelFileError(f"{path}: graph outputs {sorted(outputs)} lack anomaly_map/elbo")
+        self._outputs = ["anomaly_map", "elbo"] + ([SCORE_MAP] if SCORE_MAP in outputs else [])
 
     @property
     def standardize_mode(self) -> str:
@@ -189,19 +188,143 @@ class OnnxBackend:
         """The smoothing scales baked into the graph (export metadata)."""
         return list(self.export_info.get("scales") or [])
 
-    def with_stats(self, stats: Mapping[str, torch.Tensor]) -> OnnxBackend:
+    def with_stats(self, stats: Mapping[str, torch.Tensor]) -> GraphBackend:
         raise RuntimeError(
             "normal-map statistics are baked into the ONNX graph; recalibrate the .safetensors model "
             "and export it again"
         )
 
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
     def maps(self, views: torch.Tensor) -> HeadOutput:
         """Views (N, C, h, w) -> smoothed maps (N, h, w), ELBO (N,) and score maps (or None), float32 CPU."""
         x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
-        out = [torch.from_numpy(o) for o in self.session.run(self._outputs, {INPUT_NAME: x})]
+        out = [torch.from_numpy(o) for o in self._run(x)]
         return HeadOutput(out[0], out[1], out[2] if len(out) > 2 else None)
 
     def raw_maps(self, views: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(
             "an ONNX graph gives only its final maps; measure normal-map statistics on the .safetensors"
         )
+
+
+def _onnx_meta(p: Path, props: dict[str, str] | None = None) -> tuple[ModelMeta, dict | None]:
+    """The model metadata of an exported file (from ``props`` when the runtime gave them) and its export
+    details. Raises ModelFileError for a missing or foreign file."""
+    if not p.is_file():
+        raise ModelFileError(f"ONNX file not found: {p}")
+    d = parse_onnx_props(props, p) if props is not None else read_onnx_meta(p)
+    return model_meta_from_onnx(d, p), d.get("export")
+
+
+class OnnxBackend(GraphBackend):
+    """The graph in an onnxruntime session (CPU, or CUDA with onnxruntime-gpu)."""
+
+    kind = "onnxruntime"
+
+    def __init__(
+        self,
+        session: Any,
+        cfg: Config,
+        path: Path | None = None,
+        export_info: dict | None = None,
+        threads: int | None = None,
+    ):
+        ins = [(i.name, i.shape) for i in session.get_inputs()]
+        super().__init__(cfg, path, export_info, ins, [o.name for o in session.get_outputs()], threads)
+        self.session = session
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        meta: ModelMeta | None = None,
+        export_info: dict | None = None,
+    ) -> tuple[OnnxBackend, ModelMeta]:
+        """Open an exported file: (backend, the model metadata it carries; ``meta``/``export_info`` when
+        given, for a bare traced graph). ``threads``: onnxruntime's intra-op threads (None: its default).
+        Raises ModelFileError for a missing or foreign file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ModelFileError(f"ONNX file not found: {p}")
+        sess = open_session(p, onnx_providers(device), threads)
+        if meta is None:
+            meta, export_info = _onnx_meta(p, dict(sess.get_modelmeta().custom_metadata_map))
+        return cls(sess, meta.cfg, p, export_info, threads), meta
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self._outputs, {INPUT_NAME: x})
+
+
+OPENVINO_PRECISIONS = {"auto": "f32", "fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_OV_AMP = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class OpenVinoBackend(GraphBackend):
+    """The graph compiled by OpenVINO for the CPU (``pip install 'imganom[openvino]'``), from the ONNX file.
+
+    ``precision``: "auto"/"fp32" run in fp32 (OpenVINO would otherwise pick bf16 on CPUs with AMX/AVX512-BF16
+    and move maps by ~2 % of their max); "bf16"/"fp16" ask for that inference precision explicitly.
+    The latency hint: one request uses every thread, as the Inspector sends one batch at a time.
+    """
+
+    kind = "openvino"
+
+    def __init__(
+        self,
+        compiled: Any,
+        cfg: Config,
+        path: Path | None = None,
+        export_info: dict | None = None,
+        threads: int | None = None,
+        precision: str = "f32",
+    ):
+        def name(port: Any) -> str:  # a port has every name of its tensor; the graph's own is among them
+            return INPUT_NAME if INPUT_NAME in port.get_names() else port.get_any_name()
+
+        dims = [[d.get_length() if d.is_static else -1 for d in i.get_partial_shape()] for i in compiled.inputs]
+        ins = [(name(i), d) for i, d in zip(compiled.inputs, dims)]
+        outs = sorted({n for o in compiled.outputs for n in o.get_names()})
+        super().__init__(cfg, path, export_info, ins, outs, threads)
+        self.compiled, self.precision = compiled, precision
+        self.amp = _OV_AMP.get(precision)
+        self.request = compiled.create_infer_request()
+        self._ports = [compiled.output(n) for n in self._outputs]
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        meta: ModelMeta | None = None,
+        export_info: dict | None = None,
+        precision: str = "auto",
+    ) -> tuple[OpenVinoBackend, ModelMeta]:
+        """Compile an exported file for the CPU: (backend, model metadata, as ``OnnxBackend.open``).
+        ``threads``: OpenVINO's inference threads (None: all cores). Raises ImportError without openvino,
+        ValueError for a device other than the CPU or an unknown precision, ModelFileError for a bad file."""
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device {device!r}: the openvino backend runs on the CPU ('cpu' or 'auto')")
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(OPENVINO_PRECISIONS)}, got {precision!r}")
+        import openvino as ov
+
+        p = Path(path)
+        if meta is None:
+            meta, export_info = _onnx_meta(p)
+        cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            compiled = ov.Core().compile_model(str(p), "CPU", cfg)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+            raise ModelFileError(f"{p}: openvino cannot compile it ({str(e)[:300]})") from None
+        return cls(compiled, meta.cfg, p, export_info, threads, OPENVINO_PRECISIONS[precision]), meta
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        out = self.request.infer({INPUT_NAME: x})  # copies the outputs (share_outputs=False)
+        return [np.asarray(out[p]) for p in self._ports]

@@ -5,7 +5,8 @@
 
 The Inspector is the facade: decoding, geometry (stretch / letterbox / tiles), resampling to the original
 size, ROI, scoring, thresholds, masks and regions. What turns model views into maps is its backend
-(``backends.TorchBackend``: VAE + ``AnomalyHead``; ``backends.OnnxBackend``: the exported graph).
+(``backends.TorchBackend``: VAE + ``AnomalyHead``; ``backends.OnnxBackend`` / ``OpenVinoBackend``: the
+traced graph of the same; ``loader`` picks one by name or, with ``backend="auto"``, by speed).
 A batch is decoded on the CPU, moved to the device once, run there, and only the original-size maps come
 back. On CUDA the batches are pipelined (``pipeline.py``, ``batches.py``): thresholding, morphology and the
 image score run on the device and maps/masks come back only for the images that need them
@@ -29,18 +30,20 @@ import numpy as np
 import torch
 
 from imganom.data.readers import ImageMeta
-from imganom.formats.modelfile import ModelMeta, load_model
+from imganom.formats.modelfile import ModelMeta
 from imganom.inference import batches
-from imganom.inference.backends import OnnxBackend, TorchBackend
+from imganom.inference.backends import GraphBackend, TorchBackend
 from imganom.inference.inputs import InputLike, load_input
+from imganom.inference.loader import auto_backend, open_backend
 from imganom.inference.pipeline import AdaptiveBatch
 from imganom.inference.result import Result, verdict
 from imganom.models.vae import ConvVAE
 from imganom.ops.head import HeadOutput
 from imganom.ops.postprocess import Region, border_roi, image_score, load_roi, postprocess
+from imganom.utils.device import precision_label
 
 MAPS = ("all", "ng", "none")
-Backend = TorchBackend | OnnxBackend
+Backend = TorchBackend | GraphBackend
 
 
 class Inspector:
@@ -73,7 +76,7 @@ class Inspector:
     ):
         if maps not in MAPS:
             raise ValueError(f"maps must be 'all', 'ng' or 'none', got {maps!r}")
-        if isinstance(model, (TorchBackend, OnnxBackend)):
+        if isinstance(model, (TorchBackend, GraphBackend)):
             if stats is not None:
                 raise ValueError("stats belong to the backend: pass them to TorchBackend")
             self.backend: Backend = model
@@ -100,27 +103,31 @@ class Inspector:
         device: str = "auto",
         precision: str = "auto",
         *,
+        backend: str | None = None,
         roi: np.ndarray | str | Path | None = None,
         threads: int | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
         **kw: Any,
     ) -> Inspector:
-        """Load a ``.safetensors`` model file, a run directory or an ``.onnx`` export (onnxruntime; its
-        graph is fp32, so ``precision`` does not apply; ``threads``: onnxruntime's intra-op threads).
+        """Load a ``.safetensors`` model file, a run directory or an ``.onnx`` export.
+
+        ``backend``: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` (graph backends: an ``.onnx`` file, or a
+        model file traced on load and cached) or ``"auto"`` (the fastest here, measured once and cached;
+        ``inference.loader``); None = torch for model files, onnxruntime for ``.onnx``. ``threads``: the
+        backend's intra-op threads. ``precision`` applies to torch and openvino (onnxruntime: fp32).
         ``roi``: a bool (H, W) array or a mask image file (nonzero = inspect). Other keywords as for
         ``Inspector``; threshold keywords override the calibration."""
-        if str(path).lower().endswith(".onnx"):
+        if backend == "auto":
             if compile:
-                raise ValueError("compile applies to torch models, not to .onnx files")
-            backend, meta = OnnxBackend.open(path, device, threads)
+                raise ValueError("compile applies to the torch backend: pass backend='torch'")
+            be, meta = auto_backend(path, device=device, precision=precision, threads=threads)
         else:
-            model, meta, stats = load_model(path)
-            backend = TorchBackend(model, meta.cfg, stats, device=device, precision=precision,
-                                   compile=compile, compile_mode=compile_mode)  # fmt: skip
+            be, meta = open_backend(path, backend, device=device, precision=precision, threads=threads,
+                                    compile=compile, compile_mode=compile_mode)  # fmt: skip
         if isinstance(roi, (str, Path)):
-            roi = load_roi(roi, tuple(backend.cfg.preprocess.size))
-        return cls(backend, meta, roi=roi, **kw)
+            roi = load_roi(roi, tuple(be.cfg.preprocess.size))
+        return cls(be, meta, roi=roi, **kw)
 
     def _derive(self, backend: Backend, meta: ModelMeta, **kw: Any) -> Inspector:
         """A new Inspector on ``backend``/``meta`` with this one's settings unless given in ``kw``."""
@@ -173,6 +180,16 @@ class Inspector:
     @property
     def scale_sigmas(self) -> list[float]:
         return self.backend.scale_sigmas
+
+    @property
+    def backend_info(self) -> dict[str, Any]:
+        """Which backend runs the model (``name``: torch | onnxruntime | openvino), its threads and precision,
+        and, after ``backend="auto"``, what was measured (``auto``)."""
+        be = self.backend
+        threads = getattr(be, "threads", None) or (torch.get_num_threads() if be.kind == "torch" else None)
+        info = {"name": be.kind, "device": str(be.device), "precision": precision_label(be.amp),
+                "threads": threads}  # fmt: skip
+        return {**info, "auto": be.selection} if be.selection else info
 
     @property
     def model_id(self) -> str:
