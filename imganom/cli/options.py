@@ -2,9 +2,9 @@
 
 ``inspect``, ``evaluate``, ``watch`` and ``serve`` take the same model options (``--model`` as a model file,
 run directory or ``.onnx`` export; ``--roi``; ``--image-threshold`` / ``--pixel-threshold`` /
-``--threshold-source``; ``--device``; ``--precision``), declared once here (``with_model_options``), with the
-same meaning and the same errors (exit 2). Only typer and the standard library are imported here, so
-``imganom --help`` stays fast.
+``--threshold-source``; ``--device``; ``--precision``; ``--backend``; ``--threads``), declared once here
+(``with_model_options``), with the same meaning and the same errors (exit 2). Only typer and the standard
+library are imported here, so ``imganom --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from imganom.inference.inspector import Inspector
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")  # inference.loader.CHOICES (not imported: --help)
 THRESHOLD_SOURCES = ("normal", "f1_max")
 RAW_MAP_FORMATS = ("npy", "png16")
 
@@ -44,6 +45,17 @@ ThresholdSourceOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16.")]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        help="torch | onnxruntime | openvino | auto (fastest here, measured once and cached). "
+        "Default: torch for model files, onnxruntime for .onnx.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", min=1, help="Inference threads of the backend (default: its own).")
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1)]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive")]
@@ -71,6 +83,8 @@ class ModelOptions:
     pixel_threshold: float | None = None
     threshold_source: str = "normal"
     roi: Path | None = None
+    backend: str | None = None
+    threads: int | None = None
 
     def load(self, *, require_calibrated: bool = False) -> Inspector:
         """The inspector for ``--model`` (an ``.onnx`` export runs in onnxruntime), threshold overrides and
@@ -78,6 +92,8 @@ class ModelOptions:
         uncalibrated model is an error with ``require_calibrated``, else a warning."""
         if self.precision not in PRECISIONS:
             fail(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            fail(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.threshold_source not in THRESHOLD_SOURCES:
             sources = ", ".join(THRESHOLD_SOURCES)
             fail(f"--threshold-source must be one of {sources}, got {self.threshold_source!r}")
@@ -88,9 +104,12 @@ class ModelOptions:
         try:
             insp = load_inspector(kw.pop("model"), **kw)
         except ImportError as e:
-            if self.model.suffix.lower() != ".onnx":
+            if self.model.suffix.lower() != ".onnx" and self.backend in (None, "torch"):
                 raise
-            fail(f".onnx models need onnxruntime (pip install 'imganom[export]'): {e}")
+            fail(
+                f"the {self.backend or 'onnxruntime'} backend is not installed "
+                f"(pip install 'imganom[{'openvino' if self.backend == 'openvino' else 'export'}]'): {e}"
+            )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))
         if not insp.calibrated:
@@ -111,6 +130,8 @@ _MODEL_OPTIONS = {  # ModelOptions field -> (annotation with its typer option, d
     "pixel_threshold": (PixelThresholdOpt, None),
     "threshold_source": (ThresholdSourceOpt, "normal"),
     "roi": (RoiOpt, None),
+    "backend": (BackendOpt, None),
+    "threads": (ThreadsOpt, None),
 }
 
 
