@@ -5,6 +5,7 @@ NIfTI headers claiming any shape."""
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -113,3 +114,94 @@ def sample_files(folder: Path) -> dict[str, Path]:
     f["vol.nii.gz"] = folder / "vol.nii.gz"
     nib.save(nib.Nifti1Image(RNG.random((H, W, 3)).astype(np.float32), np.eye(4)), f["vol.nii.gz"])
     return f
+
+
+def zlib_zeros(n: int, *, raw: bool = False) -> bytes:
+    """``n`` zero bytes through zlib (``raw``: bare deflate), streamed in 1 MiB pieces."""
+    z, parts, block = zlib.compressobj(9, zlib.DEFLATED, -15 if raw else 15), [], b"\0" * (1 << 20)
+    for start in range(0, n, len(block)):
+        parts.append(z.compress(block[: n - start]))
+    parts.append(z.flush())
+    return b"".join(parts)
+
+
+def patch_tiff(data: bytes, **values: int) -> bytes:
+    """``data`` with single-valued tags of its first page (by name) set to ``values``."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as t:
+        tags = t.pages[0].tags
+        for name, v in values.items():
+            tag = tags[name]
+            assert tag.count == 1, name
+            struct.pack_into({3: "<H", 4: "<I"}[int(tag.dtype)], out, tag.valueoffset, v)
+    return bytes(out)
+
+
+def tiff_planes_claim(planes: int, side: int) -> bytes:
+    """A zlib TIFF of ``planes`` float64 planes whose header claims ``side`` x ``side`` (data for 64 x 64)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((planes, 64, 64)), photometric="minisblack", planarconfig="separate",
+                     compression="zlib", rowsperstrip=64)  # fmt: skip
+    return patch_tiff(buf.getvalue(), ImageWidth=side, ImageLength=side, RowsPerStrip=side)
+
+
+def tiff_strip_bomb(inflated: int) -> bytes:
+    """An 8 x 8 zlib TIFF whose one strip inflates to ``inflated`` bytes (it needs 64)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((8, 8), np.uint8), compression="zlib")
+    small, bomb = buf.getvalue(), zlib_zeros(inflated)
+    out = patch_tiff(small, StripOffsets=len(small), StripByteCounts=len(bomb))
+    return out + bomb
+
+
+def jpeg_claim(width: int, height: int) -> bytes:
+    """A small RGB JPEG whose frame header (SOF0) claims ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.fromarray(RGB8).save(buf, "JPEG")
+    out = bytearray(buf.getvalue())
+    sof = out.index(b"\xff\xc0")
+    struct.pack_into(">HH", out, sof + 5, height, width)
+    return bytes(out)
+
+
+def bmp_claim(width: int, height: int) -> bytes:
+    """A small 24-bit BMP whose info header claims ``width`` x ``height``."""
+    buf = io.BytesIO()
+    Image.fromarray(RGB8).save(buf, "BMP")
+    out = bytearray(buf.getvalue())
+    struct.pack_into("<ii", out, 18, width, height)
+    return bytes(out)
+
+
+def dicom_deflated(inflated: int) -> bytes:
+    """A DICOM file in Deflated Explicit VR Little Endian whose dataset inflates to ``inflated`` bytes."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return fp.getvalue() + zlib_zeros(inflated, raw=True)
+
+
+def tiff_ifd_loop(n: int) -> bytes:
+    """A small TIFF followed by ``n`` empty image directories chained in a loop back to the first of them."""
+    data = bytearray(_tiff_gray8())
+    first = struct.unpack_from("<I", data, 4)[0]
+    next_at = first + 2 + 12 * struct.unpack_from("<H", data, first)[0]
+    base = len(data)
+    struct.pack_into("<I", data, next_at, base)
+    for i in range(n):
+        data += struct.pack("<HI", 0, base + 6 * ((i + 1) % n))
+    return bytes(data)
+
+
+def _tiff_gray8() -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, GRAY8)
+    return buf.getvalue()

@@ -1,6 +1,9 @@
 """TIFF through tifffile: one 2-D image with up to ``MAX_PLANES`` channels (samples, planes or pages).
 
 The byte budget covers the whole first series (every plane) and is checked before any strip is decoded.
+The chain of image directories is walked first: tifffile notices a loop in it only when the loop closes
+within 100 directories, else it walks (nearly) forever, so a loop or more than ``MAX_IFDS`` directories is
+an ``ImageReadError``.
 Without ``imagecodecs``, tifffile's own zlib/deflate/LZMA decoders inflate a strip to whatever size its data
 asks for, so a few KB can claim gigabytes inside a tiny image; they are replaced here by decoders that stop
 at the strip's expected size. Codecs that need ``imagecodecs`` when it is absent are an ``ImageReadError``.
@@ -9,6 +12,7 @@ at the strip's expected size. Codecs that need ``imagecodecs`` when it is absent
 from __future__ import annotations
 
 import lzma
+import struct
 import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -55,6 +59,36 @@ def _bound_fallback_codecs() -> None:
 _bound_fallback_codecs()
 
 
+MAX_IFDS = 65_536  # image directories (pages) one TIFF may chain
+
+
+def _check_ifd_chain(fh: BinaryIO, name: str, size: int) -> None:
+    """Walk the directory offsets (headers only) and refuse a chain that loops or is longer than MAX_IFDS."""
+    head = fh.read(16)
+    order = "<" if head[:2] == b"II" else ">"
+    if head[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+        count_fmt, entry, offset_fmt, offset = "Q", 20, "Q", struct.unpack(order + "Q", head[8:16])[0]
+    else:
+        count_fmt, entry, offset_fmt, offset = "H", 12, "I", struct.unpack(order + "I", head[4:8])[0]
+    seen: set[int] = set()
+    while 0 < offset < size:  # what points outside the file is tifffile's to report
+        if offset in seen:
+            raise ImageReadError(name, f"corrupt TIFF: its chain of image directories loops at byte {offset}")
+        if len(seen) >= MAX_IFDS:
+            raise ImageReadError(name, f"TIFF with more than {MAX_IFDS} image directories")
+        seen.add(offset)
+        fh.seek(offset)
+        raw = fh.read(struct.calcsize(count_fmt))
+        if len(raw) < struct.calcsize(count_fmt):
+            break
+        fh.seek(offset + len(raw) + struct.unpack(order + count_fmt, raw)[0] * entry)
+        raw = fh.read(struct.calcsize(offset_fmt))
+        if len(raw) < struct.calcsize(offset_fmt):
+            break
+        offset = struct.unpack(order + offset_fmt, raw)[0]
+    fh.seek(0)
+
+
 def _layout(name: str, series: Any) -> tuple[tuple[int, ...], int | None]:
     """The series shape without unit axes, and which axis holds the channels (None: a 2-D image)."""
     dims = [(n, a) for n, a in zip(series.shape, series.axes, strict=True) if n != 1 or a in "YX"]
@@ -83,6 +117,7 @@ class TiffReader(ImageReader):
         return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
     def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+        _check_ifd_chain(fh, src.name, src.size)
         tif = tifffile.TiffFile(fh)
         if not tif.series:
             raise ImageReadError(src.name, "corrupt TIFF: no readable image pages")

@@ -25,6 +25,7 @@ from PIL import Image
 
 from imganom.data.readers import ImageReadError, read_image_bytes
 
+pytestmark = pytest.mark.timeout(600)  # a decoder that hangs fails the run instead of blocking it
 LIMITS = {"max_pixels": 1 << 20, "max_bytes": 4 << 20}
 PEAK_BOUND = 64 << 20  # bytes traced (numpy and Python allocations) while reading one input
 TIME_BOUND = 5.0  # seconds per read of an input of at most a few KB

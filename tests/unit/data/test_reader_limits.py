@@ -26,6 +26,7 @@ from image_files import (
     nifti_header,
     png_zeros,
     sample_files,
+    tiff_ifd_loop,
     tiff_planes_claim,
     tiff_strip_bomb,
     write_dicom,
@@ -42,6 +43,7 @@ from imganom.data.readers import (
     read_image_bytes,
     read_options,
 )
+from imganom.data.readers.tiff import MAX_IFDS
 
 PERCENTILE = IntensityConfig(mode="percentile", low=0, high=100)
 # decoded bytes of one item (H x W x channels x bytes per sample) of each sample file
@@ -272,6 +274,16 @@ def test_png_chunk_claiming_4_gb_is_refused_at_once(files):
     with pytest.raises(ImageReadError, match="corrupt or truncated PNG: chunk .* claims 4294967295 bytes"):
         read_image_bytes(bytes(data), "long.png")
     assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.timeout(60)
+def test_tiff_directory_loops_and_endless_chains_are_refused():
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match="chain of image directories loops at byte"):
+        read_image_bytes(tiff_ifd_loop(150), "loop.tif")  # tifffile alone walks this 1.3 KB file ~forever
+    with pytest.raises(ImageReadError, match=f"more than {MAX_IFDS} image directories"):
+        read_image_bytes(tiff_ifd_loop(MAX_IFDS + 10), "long.tif")
+    assert time.perf_counter() - t0 < 10
 
 
 def test_bytes_input_is_checked_the_same(files):
