@@ -11,8 +11,9 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from imganom.data.names import printable
 from imganom.utils.files import atomic_write_bytes, to_jsonable
 
 CSV_COLUMNS = (
@@ -21,8 +22,25 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+def _printable_tree(x: Any) -> Any:
+    """``x`` with every string (keys too) made printable (``names.printable``)."""
+    if isinstance(x, str):
+        return printable(x)
+    if isinstance(x, dict):
+        return {printable(str(k)): _printable_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_printable_tree(v) for v in x]
+    return x
+
+
 def _dumps_line(row: dict) -> str:
-    return json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n"
+    """One JSON line; a string that is not UTF-8 (a file name from another system) shows as ``\\xNN``."""
+    line = json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(_printable_tree(to_jsonable(row)), ensure_ascii=False, allow_nan=False)
+    return line + "\n"
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], bool]:

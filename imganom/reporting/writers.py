@@ -7,15 +7,17 @@ Everything is written atomically (temp file in the target folder, then ``os.repl
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from imganom.data.readers import IMAGE_EXTENSIONS
 from imganom.utils.files import atomic_write_bytes
 
 _CMAPS = {
@@ -26,24 +28,48 @@ _CMAPS = {
     "magma": cv2.COLORMAP_MAGMA,
     "hot": cv2.COLORMAP_HOT,
 }
-_UNSAFE = re.compile(r'[\x00-\x1f<>:"|?*\\]')
+_UNSAFE = re.compile('[\x00-\x1f\x7f<>:"|?*\\\\#\ud800-\udfff]')
+_SLICE = re.compile(r"#slice=(\d+)$")
+_COPY = re.compile(r"~(\d+)$")
+_EXTS = sorted(IMAGE_EXTENSIONS, key=len, reverse=True)
+_MAX_PART = 180  # bytes of one sanitised name component (file systems allow 255)
+
+
+def _clean_part(part: str) -> str:
+    """One path component made safe: unsafe characters -> '_', '', '.', '..' -> '_', '__', long -> cut."""
+    if part in ("", ".", ".."):
+        return "_" * max(1, len(part))
+    part = _UNSAFE.sub("_", part)
+    if len(part.encode("utf-8", "replace")) > _MAX_PART:
+        part = part.encode("utf-8", "replace")[:_MAX_PART].decode("utf-8", "ignore")
+    return part
 
 
 def output_stem(item_id: str) -> str:
-    """Relative posix path (no extension) under which an item's outputs are stored.
+    """Relative posix path (no extension) of an item's outputs; distinct ids never share one.
 
-    Folders are kept; in the file name every '.' and '#' becomes '_' and '=' is dropped, so the
-    original extension stays part of the stem and ``x/a.png`` / ``x/a.tif`` cannot collide:
-    ``sub/a.png -> sub/a_png``, ``b.nii.gz#slice=0003 -> b_nii_gz_slice0003``. Characters that are
-    unsafe in file names become '_', and '.'/'..'/empty/absolute components are neutralised so an
-    id can never escape the output folder.
+    Folders and the file name are kept and the image extension's dots become '_', so ``x/a.png`` and
+    ``x/a.tif`` differ: ``sub/a.png -> sub/a_png``, ``a.b.png -> a.b_png``, ``a_b.png -> a_b_png``; the
+    watcher's ``~N`` and a volume's ``#slice=NNNN`` follow (``b.nii.gz#slice=0003 -> b_nii_gz_slice0003``).
+    This is one-to-one. Where it cannot be (a character unsafe in file names or URLs such as ``<>:"|?*\\#``,
+    a control character, an empty/``.``/``..``/absolute component, a name without an image extension or
+    longer than 180 bytes), the unsafe parts become '_' and ``~h`` + 8 hex digits of the id's SHA-256 are
+    appended (``x<.png -> x__png~h1c0ffee5``), so such names neither collide nor escape the output folder.
     """
-    parts = [p for p in PurePosixPath(item_id.replace("\\", "/")).parts if p not in ("/", "", ".")]
-    if not parts:
-        raise ValueError(f"cannot derive an output name from item id {item_id!r}")
-    name = parts[-1].replace(".", "_").replace("#", "_").replace("=", "")
-    folders = ["__" if p == ".." else p for p in parts[:-1]]
-    return "/".join(_UNSAFE.sub("_", p) for p in [*folders, name])
+    *folders, name = item_id.split("/")
+    m = _SLICE.search(name)
+    sliced, name = (m.group(1), name[: m.start()]) if m else (None, name)
+    m = _COPY.search(name)
+    copy, name = (m.group(1), name[: m.start()]) if m else (None, name)
+    n = next((len(e) for e in _EXTS if name.lower().endswith(e) and len(name) > len(e)), 0)
+    base, ext = name[: len(name) - n], name[len(name) - n :]
+    parts = [*folders, base]
+    stem = "/".join(_clean_part(p) for p in parts) + ext.replace(".", "_")
+    stem += (f"~{copy}" if copy else "") + (f"_slice{sliced}" if sliced else "")
+    if not ext or any(_clean_part(p) != p for p in parts):
+        digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        stem += f"~h{digest}"
+    return stem
 
 
 def _to_bgr(img: np.ndarray) -> np.ndarray:

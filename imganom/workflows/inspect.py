@@ -8,7 +8,10 @@ finish (``--resume`` picks up from there) and are rewritten in input order at th
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imganom.data.discovery import expand_inputs
+from imganom.data.names import printable
 from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
 from imganom.reporting.results import ResultsWriter
@@ -32,6 +36,7 @@ from imganom.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
+OUTPUT_FOLDERS = ("masks", "heatmaps", "overlays", "previews", "raw")  # what write_outputs creates under OUT
 
 
 @dataclass
@@ -51,6 +56,31 @@ def file_items(path: Path, item_id: str) -> list[Item]:
         if n > 1:
             return [Item(path, f"{item_id}#slice={k:04d}", k) for k in range(n)]
     return [Item(path, item_id)]
+
+
+def outside(items: list[Item], inputs: Sequence[str | Path], out: Path) -> list[Item]:
+    """``items`` less those under ``out`` when ``out`` lies inside an input folder, so a second run does not
+    inspect the first one's masks and heatmaps (if ``out`` *is* an input folder: less its output folders)."""
+    root = out.resolve()
+    folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
+    if any(root == f for f in folders):
+        skip = [root / kind for kind in OUTPUT_FOLDERS]
+    elif any(root.is_relative_to(f) for f in folders):
+        skip = [root]
+    else:
+        return items
+    parents: dict[Path, Path] = {}
+
+    def keep(it: Item) -> bool:
+        if it.path.parent not in parents:
+            parents[it.path.parent] = Path(os.path.realpath(it.path.parent))
+        return not any(parents[it.path.parent].is_relative_to(s) for s in skip)
+
+    kept = [it for it in items if keep(it)]
+    if len(kept) < len(items):
+        where = " ".join(str(s) for s in skip)
+        log.warning("%d inputs under the output folder are not inspected (%s)", len(items) - len(kept), where)
+    return kept
 
 
 def list_items(inputs: Sequence[str | Path], recursive: bool = True) -> list[Item]:
@@ -93,6 +123,18 @@ def _collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
+def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the worker exits once ``parent_pid`` is gone (its parent changes), so
+    a ``kill -9`` of ``imganom inspect`` leaves no decode worker behind, even one stuck on a full queue."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="imganom-parent-watch", daemon=True).start()
+
+
 @dataclass
 class InspectStats:
     total: int = 0
@@ -111,7 +153,7 @@ def result_row(
     """The results.jsonl row of one item: its Result (``status`` ok) or its ``error`` (``status`` error)."""
     base = {
         "id": it.id,
-        "path": str(it.path),
+        "path": printable(str(it.path)),
         "model_id": insp.model_id,
         "image_threshold": insp.image_threshold,
         "pixel_threshold": insp.pixel_threshold,
@@ -126,7 +168,7 @@ def result_row(
             "n_regions": None,
             "max_region_area": None,
             "time_ms": None,
-            "error": error,
+            "error": None if error is None else printable(error),
             "regions": [],
             "outputs": {},
         }
@@ -191,7 +233,7 @@ def run_inspect(
     options = options or OutputOptions()
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    items = list_items(inputs, recursive=recursive)
+    items = outside(list_items(inputs, recursive=recursive), inputs, out)
     order = [it.id for it in items]
     st = InspectStats(total=len(items))
     with ResultsWriter(out, resume=resume) as writer:
@@ -206,6 +248,7 @@ def run_inspect(
             collate_fn=_collate,
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()) if workers else None,
         )
         pending: deque[tuple[Item, Result | None, str | None, Future | None]] = deque()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imganom.reporting.results import CSV_COLUMNS, ResultsWriter, read_jsonl
 from imganom.reporting.writers import (
@@ -43,6 +45,34 @@ def test_output_stem_keeps_extension_and_folders() -> None:
     assert len(stems) == 4
     assert output_stem("sub/a.png") == "sub/a_png"
     assert output_stem("vol/b.nii.gz#slice=0003") == "vol/b_nii_gz_slice0003"
+
+
+def test_output_stem_disambiguates_look_alikes_and_keeps_plain_names() -> None:
+    assert output_stem("a.b.png") == "a.b_png" and output_stem("a_b.png") == "a_b_png"
+    assert output_stem("sub/a.png~2") == "sub/a_png~2"
+    for pair in (("x<.png", "x>.png"), ("n\nl.png", "n\tl.png"), ("a.png", "a.PNG")):
+        assert output_stem(pair[0]) != output_stem(pair[1])
+    assert output_stem("x<.png").startswith("x__png~h") and len(output_stem("x<.png")) == len("x__png~h") + 8
+    assert output_stem("bad\\xff\\xfe.png").startswith("bad_xff_xfe_png~h")  # a non-UTF-8 name's id
+    assert len(output_stem("x" * 400 + ".png").encode()) < 200
+
+
+_PIECES = st.sampled_from(["a", "b", ".", "_", "#", "=", "~", "~2", "<", ">", "\n", "\t", "\\", " ", "é"])
+_IDS = st.builds(
+    lambda folders, base, ext, copy, sl: "/".join([*folders, "".join(base) + ext + copy + sl]),
+    st.lists(st.sampled_from(["d", "d_", "d.", "..", ".", "", "<"]), max_size=2),
+    st.lists(_PIECES, max_size=4),
+    st.sampled_from([".png", ".PNG", ".nii.gz", ".nii", ".gz", ".tif", ".tiff", ""]),
+    st.sampled_from(["", "~2", "~12"]),
+    st.sampled_from(["", "#slice=0003", "#slice=3", "#slice="]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_IDS, min_size=2, max_size=40, unique=True))
+def test_output_stem_is_one_to_one(ids: list[str]) -> None:
+    """Ids built from the pieces that sanitising folds together never share a stem."""
+    assert len({output_stem(i) for i in ids}) == len(ids)
 
 
 @pytest.mark.parametrize("item_id", ["../../etc/passwd", "/abs/x.png", "a/./../b.png", "c:\\w\\x?.png"])
