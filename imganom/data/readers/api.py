@@ -196,6 +196,8 @@ def _read_slice(name, dec: Decoded, k, intensity, channels, channel_policy) -> t
             y += x[2] * _LUMA[2]
             x = y[None]
         chw = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(chw).all():  # a last guard: no NaN ever reaches a model
+            raise ImageReadError(name, "intensity normalisation produced NaN/Inf values")
     return chw, ImageMeta(name, (h, w), stored, c, dec.fmt, k if dec.n_slices > 1 else None)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from imganom.config import IntensityConfig
 
 PERCENTILE_SAMPLE = 1 << 24  # percentiles of larger images use an evenly strided sample of this size
+_FLOAT32_SAFE = 1e30  # windows within +-this are computed in float32 without overflow
 
 
 def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) -> np.ndarray:
@@ -43,14 +44,25 @@ def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) 
 
 
 def window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """(x - lo) / (hi - lo) clipped to [0, 1] as float32; a degenerate window thresholds at lo (flat -> 0)."""
-    x = _float32(arr)
-    if hi > lo:
-        x -= np.float32(lo)
-        x /= np.float32(hi - lo)
-        np.clip(x, 0.0, 1.0, out=x)
-        return x
-    return _float32(x > lo)
+    """(x - lo) / (hi - lo) clipped to [0, 1] as float32; a degenerate window thresholds at lo (flat -> 0).
+
+    Windows reaching beyond ``_FLOAT32_SAFE`` (float data near the float32/float64 limits) are computed in
+    float64 scaled by the window's magnitude, so nothing overflows into Inf/NaN."""
+    if not hi > lo:
+        return _float32(arr > lo)
+    scale = max(abs(lo), abs(hi))
+    with np.errstate(over="ignore"):  # float64 beyond float32's range casts to +-Inf, then clips to 0 or 1
+        if scale < _FLOAT32_SAFE:
+            x = _float32(arr)
+            x -= np.float32(lo)
+            x /= np.float32(hi - lo)
+        else:
+            x = np.array(arr, dtype=np.float64, order="C")
+            x /= scale
+            x -= lo / scale
+            x /= hi / scale - lo / scale
+    np.clip(x, 0.0, 1.0, out=x)
+    return _float32(x) if x.dtype != np.float32 else x
 
 
 def _float32(arr: np.ndarray) -> np.ndarray:

@@ -261,6 +261,20 @@ def test_non_finite_voxels_are_an_error(tmp_path, bad):
     assert read_image(tmp_path / "v.nii", slice_index=0)[0].shape == (1, H, W)  # the clean slice reads
 
 
+@pytest.mark.parametrize(("dtype", "big"), [("float32", 3e38), ("float64", 1.7e308), ("float64", 1e200)])
+def test_extreme_finite_values_normalise_without_overflow(tmp_path, dtype, big):
+    """Found by fuzzing: a min-max window over +-3e38 overflowed float32 into NaN."""
+    a = (np.linspace(-1, 1, H * W) * big).astype(dtype).reshape(H, W)
+    tifffile.imwrite(tmp_path / "wide.tif", a)
+    x, _ = read_image(tmp_path / "wide.tif")
+    np.testing.assert_allclose(x[0], (a / big + 1) / 2, atol=1e-6)
+    vol = nib.Nifti1Image(np.arange(H * W * 2, dtype=np.int16).reshape(H, W, 2), np.eye(4))
+    vol.header.set_slope_inter(1e300, 0)  # scaled voxels far beyond float32
+    nib.save(vol, tmp_path / "scaled.nii")
+    x, _ = read_image(tmp_path / "scaled.nii", slice_index=1)
+    assert np.isfinite(x).all() and x.min() == 0.0 and x.max() == 1.0
+
+
 def test_empty_volume_is_an_error(tmp_path):
     (tmp_path / "empty.nii").write_bytes(nifti_header((8, 8, 0)))
     with pytest.raises(ImageReadError, match="empty image: 0 slices"):
