@@ -34,6 +34,13 @@ def watch(
         min=0.0,
         help="Size and mtime must stay unchanged this long before a file is read.",
     ),
+    retry_s: float = typer.Option(
+        30.0,
+        "--retry-s",
+        min=0.0,
+        help="A file that cannot be decoded is read again until unchanged this long (a writer pausing "
+        "mid-file), then it gets its error row and goes to error/.",
+    ),
     once: bool = typer.Option(False, "--once", help="Process the files present now, then exit."),
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
@@ -64,9 +71,9 @@ def watch(
         from imganom.reporting.writers import OutputOptions
         from imganom.workflows.watch import FolderWatcher, WatchError, WatchOptions, WatchStats
 
-        opts = WatchOptions(done=done, error=error, poll_s=poll_s, settle_s=settle_s, recursive=recursive,
-                            batch_size=batch_size, once=once, outputs=OutputOptions(raw_maps=raw_maps),
-                            report=not no_report)  # fmt: skip
+        opts = WatchOptions(done=done, error=error, poll_s=poll_s, settle_s=settle_s, retry_s=retry_s,
+                            recursive=recursive, batch_size=batch_size, once=once,
+                            outputs=OutputOptions(raw_maps=raw_maps), report=not no_report)  # fmt: skip
 
         def on_batch(st: WatchStats) -> None:
             extra = f" ({st.recovered} from an interrupted run)" if st.recovered else ""

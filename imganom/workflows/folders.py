@@ -1,14 +1,16 @@
-"""Files and folders as the watcher needs them: which names to pick up, when a file is stable, moves that
-never replace a file, unique names (``a~2.png``), durable folder entries and a one-process lock."""
+"""Files and folders as the watcher needs them: which names to pick up, when a file is stable (its signature)
+and what it holds (its content hash), moves that never replace a file, unique names (``a~2.png``), durable
+folder entries and a one-process lock."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from imganom.data.readers import IMAGE_EXTENSIONS
 
@@ -68,13 +70,34 @@ def move_no_clobber(src: Path, dst: Path) -> None:
     src.unlink()
 
 
-def file_sig(path: Path) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a regular file, None if it is gone or not a regular file."""
+class FileSig(NamedTuple):
+    """What changes whenever a file's content may have changed: ``ctime`` and the inode move even when a
+    writer restores size and mtime (``cp -p``, ``rsync -t``, a rename over the file)."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
+def file_sig(path: Path) -> FileSig | None:
+    """The ``FileSig`` of a regular file, None if it is gone or not a regular file."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return FileSig(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def content_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks; raises OSError if it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def openable(path: Path) -> bool:

@@ -1,25 +1,29 @@
 """``imganom watch``: inspect images as they land in a folder, then move each to done/ or error/.
 
 Polling only (no extra dependency). A file is a candidate when its name is not hidden, not a temp/partial
-name (``.tmp``, ``.part``, ``.crdownload``, ...) and has an image extension; it is *ready* once its size and
-mtime are unchanged across two polls at least ``settle_s`` apart and it can be opened, so both slow writers
-and write-to-temp-then-rename writers are handled. Ready files are inspected together (batched), with the
-outputs ``imganom inspect`` writes (rows appended to ``OUT/results.jsonl``; masks, heatmaps, overlays and
-previews mirroring the relative path; results.csv, summary.json and report.html rewritten on exit), then moved
-to ``done/`` (or ``error/`` with ``<name>.error.txt`` beside it), keeping relative paths and adding ``~2``,
-``~3``... before the extension instead of ever replacing a file. Defaults: ``OUT/done`` and ``OUT/error``
-(beside the results that describe them, and never inside the watched tree).
+name (``.tmp``, ``.part``, ``.crdownload``, ...) and has an image extension; it is *ready* once its signature
+(size, mtime, ctime, inode) is unchanged across two polls at least ``settle_s`` apart and it can be opened, so
+both slow writers and write-to-temp-then-rename writers are handled. A ready file that cannot be decoded is
+read again until it has been unchanged for ``retry_s`` (a writer that pauses mid-file longer than
+``settle_s``); only then does it get its error row and go to error/. Ready files are inspected together
+(batched), with the outputs ``imganom inspect`` writes (rows appended to ``OUT/results.jsonl``; masks,
+heatmaps, overlays and previews mirroring the relative path; results.csv, summary.json and report.html
+rewritten on exit), then moved to ``done/`` (or ``error/`` with ``<name>.error.txt`` beside it), keeping
+relative paths and adding ``~2``, ``~3``... before the extension instead of ever replacing a file. Defaults:
+``OUT/done`` and ``OUT/error`` (beside the results that describe them, and never inside the watched tree).
 
-Exactly once. The journal is ``OUT/results.jsonl``; a file's key is (relative path, size, mtime_ns).
-A file leaves IN_DIR only after all its rows are appended and fsynced, so nothing is moved without its result.
-A ready file whose key already has rows for all its items is moved without being read again, so a crash
-between row and move never yields a second row; a crash before the rows are durable leaves the file with no
-complete row, and it is inspected again (a torn last line is dropped, outputs are rewritten atomically under
-the same names). done/ and error/ are never scanned, and moves are renames that never replace a file.
-Each row also records ``source`` (that key) and ``moved_to`` (relative to OUT when inside it). A later file
-under an already used relative path gets the id ``rel~2`` (``~3``...), so ids and output names stay unique;
-a copy with the same path, size and mtime_ns counts as already inspected.
-One watcher per OUT (an advisory lock on ``OUT/.watch.lock``).
+Exactly once. The journal is ``OUT/results.jsonl``; a file's identity is its relative path and the SHA-256
+of its bytes (with the model that judged it). A file leaves IN_DIR only after all its rows are appended and
+fsynced, so nothing is moved without its result, and no input is ever deleted. A ready file whose identity
+already has rows for all its items is moved without being inspected again, so a crash between row and move
+never yields a second row; a crash before the rows are durable leaves the file with no complete row, and it
+is inspected again (a torn last line is dropped, outputs are rewritten atomically under the same names). A
+*different* file under an already used relative path, even one with the same size and mtime (``cp -p``,
+``rsync -t``), gets the id ``rel~2`` (``~3``...) and its own row, so ids and output names stay unique. A file
+that changes while it is read is looked at again later. done/ and error/ are never scanned, and moves are
+renames that never replace a file. Each row also records ``source`` (``rel``, ``size``, ``mtime_ns``,
+``sha256``) and ``moved_to`` (relative to OUT when inside it). File names that are not UTF-8 keep their bytes
+on disk; ids and rows show them as ``\\xNN``. One watcher per OUT (an advisory lock on ``OUT/.watch.lock``).
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imganom.data.names import printable
 from imganom.inference.inspector import Inspector
 from imganom.reporting.results import ResultsWriter, read_jsonl
 from imganom.reporting.writers import OutputOptions
 from imganom.utils.files import atomic_write_bytes, write_json_atomic
 from imganom.workflows.folders import (
+    FileSig,
     WatchError,
+    content_hash,
     file_sig,
     fsync_dir,
     is_candidate,
@@ -63,7 +70,7 @@ from imganom.workflows.inspect import (
 log = logging.getLogger(__name__)
 LOCK_NAME = ".watch.lock"
 SUMMARY_EVERY_S = 5.0  # summary.json is refreshed after a batch at most this often (and always on exit)
-_SLIM_KEYS = ("id", "status", "verdict", "score", "error", "source", "moved_to")
+_SLIM_KEYS = ("id", "status", "verdict", "score", "error", "source", "moved_to", "model_id")
 
 
 def _slim(row: dict) -> dict:
@@ -79,6 +86,7 @@ class WatchOptions:
     error: Path | None = None
     poll_s: float = 0.5
     settle_s: float = 1.0
+    retry_s: float = 30.0  # an undecodable file is retried until unchanged this long, then failed
     recursive: bool = True
     batch_size: int = 16
     once: bool = False
@@ -102,13 +110,14 @@ class WatchStats:
 @dataclass
 class _Ready:
     path: Path
-    rel: str
-    size: int
-    mtime_ns: int
+    rel: str  # relative posix path as on disk (bytes that are not UTF-8 as surrogates)
+    sig: FileSig
+    stable_s: float  # how long the file has been unchanged (observed, or by its mtime if longer)
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        return self.rel, self.size, self.mtime_ns
+    def name(self) -> str:
+        """``rel`` as printable text: the base of the file's ids."""
+        return printable(self.rel)
 
 
 @dataclass(eq=False)
@@ -116,6 +125,7 @@ class _Job:
     """One ready file, its items and their rows: from the journal (earlier runs) or inspected now."""
 
     file: _Ready
+    sha256: str
     base_id: str
     items: list[Item]
     journaled: dict[str, dict] = field(default_factory=dict)  # already in results.jsonl
@@ -166,11 +176,13 @@ class FolderWatcher:
         fsync_dir(self.out)
         self.rows = [_slim(r) for r in read_jsonl(self.writer.jsonl_path)[0]]  # journal order
         self.n_earlier = len(self.rows)
-        self._by_key: dict[tuple[str, int, int], dict[str, dict]] = {}
+        self._by_key: dict[tuple[str, str, str], dict[str, dict]] = {}  # (rel, sha256, model) -> rows
         self._used_ids = {str(r["id"]).split("#slice=")[0] for r in self.rows}
         for r in self.rows:
             self._remember(r)
-        self._seen: dict[Path, tuple[int, int, float]] = {}
+        self._seen: dict[Path, tuple[FileSig, float]] = {}  # signature, since when (monotonic)
+        self._hold: dict[Path, tuple[FileSig, float]] = {}  # undecodable for now: not before (monotonic)
+        self._unlistable: set[str] = set()
         self._attempted: set[Path] = set()  # with ``once``: files _finish was called for
         self._summary_at = 0.0
         self.stats = WatchStats()
@@ -181,8 +193,8 @@ class FolderWatcher:
     # ---- journal -------------------------------------------------------------------------------------------
     def _remember(self, row: dict) -> None:
         src = row.get("source")
-        if isinstance(src, dict) and {"rel", "size", "mtime_ns"} <= src.keys():
-            key = (str(src["rel"]), int(src["size"]), int(src["mtime_ns"]))
+        if isinstance(src, dict) and {"rel", "sha256"} <= src.keys():  # rows of older versions: no hash
+            key = (str(src["rel"]), str(src["sha256"]), str(row.get("model_id")))
             self._by_key.setdefault(key, {})[str(row["id"])] = row
 
     def _free_id(self, rel: str) -> str:
@@ -197,7 +209,7 @@ class FolderWatcher:
     def scan(self) -> Iterator[tuple[Path, str]]:
         """Candidate files under the watched folder as (path, relative posix path), sorted by the latter."""
         found: list[tuple[str, Path]] = []
-        for dirpath, dirnames, filenames in os.walk(self.in_dir):
+        for dirpath, dirnames, filenames in os.walk(self.in_dir, onerror=self._unlisted):
             subdirs = [d for d in dirnames if not d.startswith(".")] if self.opt.recursive else []
             dirnames[:] = [d for d in subdirs if Path(dirpath, d).resolve() not in self._skip]
             for f in filenames:
@@ -208,9 +220,16 @@ class FolderWatcher:
         for rel, p in found:
             yield p, rel
 
+    def _unlisted(self, e: OSError) -> None:
+        """os.walk's error hook: a folder that cannot be listed is named once in the log, not skipped."""
+        where = printable(str(e.filename))
+        if where not in self._unlistable:
+            self._unlistable.add(where)
+            log.warning("cannot list %s (%s): its files are not watched", where, e.strerror or e)
+
     def poll(self) -> list[_Ready]:
-        """One polling pass: update each candidate's (size, mtime) history and return the ready ones."""
-        now = time.monotonic()
+        """One polling pass: update each candidate's signature history and return the ready ones."""
+        now, wall = time.monotonic(), time.time()
         ready, present = [], set()
         for path, rel in self.scan():
             sig = file_sig(path)
@@ -218,22 +237,37 @@ class FolderWatcher:
                 continue
             present.add(path)
             prev = self._seen.get(path)
-            if prev is None or prev[:2] != sig:
-                self._seen[path] = (*sig, now)
-            elif now - prev[2] >= self.opt.settle_s and openable(path):
-                ready.append(_Ready(path, rel, *sig))
+            if prev is None or prev[0] != sig:
+                self._seen[path] = (sig, now)
+                self._hold.pop(path, None)
+                continue
+            held = self._hold.get(path)
+            if held is not None and held[0] == sig and now < held[1]:
+                continue
+            if now - prev[1] >= self.opt.settle_s and openable(path):
+                stable = max(now - prev[1], wall - sig.mtime_ns / 1e9)
+                ready.append(_Ready(path, rel, sig, stable))
         for gone in set(self._seen) - present:
             del self._seen[gone]
+            self._hold.pop(gone, None)
         return ready
 
     # ---- processing ----------------------------------------------------------------------------------------
-    def _job(self, f: _Ready) -> _Job:
-        known = self._by_key.get(f.key, {})
+    def _job(self, f: _Ready) -> _Job | None:
+        """The job of a ready file (its content hashed), or None if it changed or vanished meanwhile."""
+        try:
+            sha = content_hash(f.path)
+        except OSError:
+            sha = None
+        if sha is None or file_sig(f.path) != f.sig:
+            self._seen.pop(f.path, None)  # look again once it is stable
+            return None
+        known = self._by_key.get((f.name, sha, str(self.insp.model_id)), {})
         base = next(iter(known), None)
-        base = base.split("#slice=")[0] if base else self._free_id(f.rel)
+        base = base.split("#slice=")[0] if base else self._free_id(f.name)
         items = file_items(f.path, base)
         ids = {it.id for it in items}
-        return _Job(f, base, items, {i: r for i, r in known.items() if i in ids})
+        return _Job(f, sha, base, items, {i: r for i, r in known.items() if i in ids})
 
     def process(self, ready: list[_Ready], stop: threading.Event | None = None) -> None:
         """Inspect the ready files in batches of ``batch_size`` items, write their rows, move them.
@@ -241,7 +275,7 @@ class FolderWatcher:
         Files whose rows are already in the journal are only moved. Stops between batches once ``stop`` is
         set.
         """
-        jobs = [self._job(f) for f in ready]
+        jobs = [job for job in map(self._job, ready) if job is not None]
         recovered = [job for job in jobs if job.complete]
         for job in recovered:
             self._finish(job, recovered=True)
@@ -274,11 +308,17 @@ class FolderWatcher:
         decoded = [dec[i] for i in range(len(chunk))]
         live: list[tuple[_Job, Item, dict]] = []
         for (job, it), d in zip(chunk, decoded):
-            if d["error"] is not None and file_sig(job.file.path) != (job.file.size, job.file.mtime_ns):
-                self._seen.pop(
-                    job.file.path, None
-                )  # changed or vanished since it looked ready: not an error,
-                job.deferred = True  # look again later
+            f = job.file
+            if job.deferred:
+                continue
+            if file_sig(f.path) != f.sig:  # changed or vanished since it was hashed: look again later
+                self._seen.pop(f.path, None)
+                job.deferred = True
+            elif d["error"] is not None and f.stable_s < self.opt.retry_s:  # maybe still being written
+                wait = min(self.opt.retry_s - f.stable_s, max(self.opt.settle_s, 0.5))
+                self._hold[f.path] = (f.sig, time.monotonic() + wait)
+                job.deferred = True
+                log.info("%s cannot be read yet (%s); trying again", f.name, d["error"])
             else:
                 live.append((job, it, d))
         results = predict_decoded(self.insp, [(it, d) for _, it, d in live])
@@ -290,7 +330,9 @@ class FolderWatcher:
                 except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
                     r, err = None, f"{it.path}: writing outputs failed: {e}"
             row = result_row(self.insp, it, r, err, outputs)
-            row["source"] = {"rel": job.file.rel, "size": job.file.size, "mtime_ns": job.file.mtime_ns}
+            f = job.file
+            row["source"] = {"rel": f.name, "size": f.sig.size, "mtime_ns": f.sig.mtime_ns,
+                             "sha256": job.sha256}  # fmt: skip
             job.new[it.id] = row
 
     def _finish(self, job: _Job, recovered: bool) -> None:
@@ -302,7 +344,7 @@ class FolderWatcher:
         failed = any(r.get("status") == "error" for r in job.rows)
         base = self.error_dir if failed else self.done_dir
         planned = next((r["moved_to"] for r in job.journaled.values() if r.get("moved_to")), None)
-        if planned:  # relative paths are relative to OUT
+        if planned and f.name == f.rel:  # relative to OUT; \xNN in a journaled name is not the real name
             dst = self.out / planned
         else:
             dst = unique_path(base / f.rel, sidecar=".error.txt" if failed else "")
@@ -317,24 +359,20 @@ class FolderWatcher:
                 self.stats.ng += r["verdict"] == "NG"
             else:
                 self.stats.error += 1
-        if dst.exists():  # a crash after a cross-device copy, or someone else's file: never replace it
-            if file_sig(dst) == (f.size, f.mtime_ns):
-                f.path.unlink(missing_ok=True)
-                self._moved(job, dst, recovered)
-                return
+        if dst.exists():  # the same bytes dropped again, or someone else's file: never replace, never delete
             dst = unique_path(dst, sidecar=".error.txt" if failed else "")
         try:
             if failed:
                 errs = [f"{r['id']}: {r.get('error')}" for r in job.rows if r.get("error")]
                 reasons = "\n".join(errs)
-                text = f"{f.rel}\n{reasons}\nfailed at {dt.datetime.now().astimezone().isoformat()}\n"
+                text = f"{f.name}\n{reasons}\nfailed at {dt.datetime.now().astimezone().isoformat()}\n"
                 atomic_write_bytes(dst.with_name(dst.name + ".error.txt"), text.encode("utf-8"))
             move_no_clobber(f.path, dst)
         except FileNotFoundError:
-            log.warning("%s vanished before it could be moved (its rows are in results.jsonl)", f.path)
+            log.warning("%s vanished before it could be moved (its rows are in results.jsonl)", f.name)
             return
         except OSError as e:
-            log.error("cannot move %s to %s: %s (will retry)", f.path, dst, e)
+            log.error("cannot move %s to %s: %s (will retry)", f.name, printable(str(dst)), e)
             return
         self._moved(job, dst, recovered)
 
@@ -342,7 +380,8 @@ class FolderWatcher:
         self._seen.pop(job.file.path, None)
         self.stats.files += 1
         self.stats.recovered += recovered
-        log.info("%s -> %s%s", job.file.rel, dst, " (already inspected)" if recovered else "")
+        note = " (already inspected)" if recovered else ""
+        log.info("%s -> %s%s", job.file.name, printable(str(dst)), note)
 
     # ---- summary and lifecycle -----------------------------------------------------------------------------
     def _summary(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from imganom.workflows.watch import FolderWatcher, WatchError, WatchOptions, is_
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
 IMGANOM = str(Path(sys.executable).with_name("imganom"))
-FAST = WatchOptions(poll_s=0.05, settle_s=0.2, batch_size=4, once=True, report=False)
+FAST = WatchOptions(poll_s=0.05, settle_s=0.2, retry_s=0.3, batch_size=4, once=True, report=False)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def _files(d: Path) -> list[str]:
 
 def _start(model: Path, in_dir: Path, out: Path, log: Path) -> subprocess.Popen:
     args = [IMGANOM, "watch", str(in_dir), "--model", str(model), "--out", str(out), "--poll-s", "0.1",
-            "--settle-s", "0.5", "--batch-size", "4", "--no-report"]  # fmt: skip
+            "--settle-s", "0.5", "--retry-s", "1", "--batch-size", "4", "--no-report"]  # fmt: skip
     with open(log, "ab") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
     n = log.read_text().count("watching")
@@ -178,7 +178,7 @@ def test_readiness_and_ignored_names(setup: dict, tmp_path: Path) -> None:
         assert w.poll() == []  # unchanged, but not yet for settle-s
         time.sleep(0.55)
         ready = w.poll()
-        assert [(r.rel, r.size) for r in ready] == [("grow.png", len(data))]
+        assert [(r.rel, r.sig.size) for r in ready] == [("grow.png", len(data))]
         w.process(ready)
     finally:
         w.close()
@@ -213,7 +213,7 @@ def test_recovery_reuse_of_names_and_done_inside_watched_tree(setup: dict, tmp_p
     st = FolderWatcher(setup["insp"], in_dir, out, opts).run()
     assert (st.files, st.rows, st.recovered) == (1, 1, 0)
     rows = _rows(out)
-    assert [r["id"] for r in rows] == ["bad.png", "sub/a.png", "sub/a.png~2"]
+    assert [r["id"] for r in rows] == ["sub/a.png", "bad.png", "sub/a.png~2"]  # bad.png: retried first
     assert rows[-1]["outputs"]["mask"] == "masks/sub/a_png~2.png"
     assert (in_dir / "done" / "sub" / "a.png").read_bytes() == setup["pngs"][2]
     assert (in_dir / "done" / "sub" / "a~2.png").read_bytes() == setup["pngs"][3]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from imganom.workflows.folders import (
     WatchError,
+    content_hash,
     file_sig,
     lock_folder,
     move_no_clobber,
@@ -43,11 +46,17 @@ def test_move_no_clobber_never_replaces(tmp_path: Path) -> None:
     assert dst.read_bytes() == b"new" and src.read_bytes() == b"newer"
 
 
-def test_file_sig_and_openable(tmp_path: Path) -> None:
+def test_file_sig_content_hash_and_openable(tmp_path: Path) -> None:
     f = tmp_path / "a.png"
     f.write_bytes(b"12345")
     os.utime(f, ns=(1_000_000_000, 2_000_000_000))
-    assert file_sig(f) == (5, 2_000_000_000)
+    sig = file_sig(f)
+    assert sig is not None and (sig.size, sig.mtime_ns) == (5, 2_000_000_000)
+    assert content_hash(f) == hashlib.sha256(b"12345").hexdigest()
+    time.sleep(0.01)
+    f.write_bytes(b"54321")  # same size, mtime put back as `cp -p` does: ctime still tells
+    os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+    assert file_sig(f) != sig and content_hash(f) != hashlib.sha256(b"12345").hexdigest()
     assert file_sig(tmp_path) is None and file_sig(tmp_path / "gone.png") is None  # a folder; missing
     assert openable(f) and not openable(tmp_path / "gone.png")
 
