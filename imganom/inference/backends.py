@@ -285,8 +285,8 @@ class OpenVinoBackend(GraphBackend):
         def name(port: Any) -> str:  # a port has every name of its tensor; the graph's own is among them
             return INPUT_NAME if INPUT_NAME in port.get_names() else port.get_any_name()
 
-        dims = [[d.get_length() if d.is_static else -1 for d in i.get_partial_shape()] for i in compiled.inputs]
-        ins = [(name(i), d) for i, d in zip(compiled.inputs, dims)]
+        ins = [(name(i), [d.get_length() if d.is_static else -1 for d in i.get_partial_shape()])
+               for i in compiled.inputs]  # fmt: skip
         outs = sorted({n for o in compiled.outputs for n in o.get_names()})
         super().__init__(cfg, path, export_info, ins, outs, threads)
         self.compiled, self.precision = compiled, precision

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from imganom.data.preprocess import Geometry, prepare, to_original
 from imganom.data.readers import ImageMeta
-from imganom.inference.pipeline import HostCopy, Prefetcher, host_map, pipelined, run_adaptive
+from imganom.inference.pipeline import HostCopy, Prefetcher, host_map, overlapped, pipelined, run_adaptive
 from imganom.inference.result import Result
 from imganom.ops.device_post import binarize_t
 from imganom.ops.head import HeadOutput, image_scores
@@ -278,5 +278,6 @@ def stream(
         except catch as e:
             return b.tag, e
 
-    depth = 1 if insp.device.type == "cuda" else 0
-    return pipelined(Prefetcher(host(), insp.device), launched, collected, depth)
+    if insp.device.type == "cuda":
+        return pipelined(Prefetcher(host(), insp.device), launched, collected, 1)
+    return overlapped(host(), launched, collected, 1)  # the CPU: the model on a thread, the host here

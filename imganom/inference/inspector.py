@@ -299,8 +299,9 @@ class Inspector:
     ) -> Iterator[tuple[Any, list[Result] | Exception]]:
         """``(tag, items, decode_ms)`` device batches in, ``(tag, results)`` out, in order.
 
-        On CUDA one batch is in flight while the host finishes the previous one (``pipeline.pipelined``),
-        and the next batch's host views are copied ahead on a side stream (``pipeline.Prefetcher``).
+        One batch is in flight while the host finishes the previous one: on CUDA (``pipeline.pipelined``)
+        with the next batch's host views copied ahead on a side stream (``pipeline.Prefetcher``), on the CPU
+        with the model on a thread (``pipeline.overlapped``).
         ``errors``: ``"raise"``, or ``"return"`` to get a RuntimeError/ValueError of a batch in place of its
         results (e.g. to retry it image by image) while the stream goes on.
         """

@@ -4,7 +4,8 @@ Pieces, each usable on its own and each degrading to plain synchronous code on t
 
 * ``Prefetcher``: pinned host batches copied to the device on a side stream, one batch ahead (double
   buffering), with events so compute waits only for its own copy.
-* ``pipelined``: issue the device work of batch k+1 before finishing batch k on the host.
+* ``pipelined``: issue the device work of batch k+1 before finishing batch k on the host; ``overlapped``:
+  the same with the work on a thread, for the CPU backends.
 * ``HostCopy``: device -> pinned host copies on a side stream; ``wait()`` gives numpy arrays.
 * ``run_adaptive``: run a batch in chunks, halving the chunk on out-of-memory and remembering what fits.
 * ``host_map``: host work after a device batch on a small thread pool.
@@ -209,6 +210,17 @@ def pipelined(
             yield collect(pending.popleft())
     while pending:
         yield collect(pending.popleft())
+
+
+def overlapped(
+    source: Iterable[T], launch: Callable[[T], U], collect: Callable[[U], R], depth: int = 1
+) -> Iterator[R]:
+    """``pipelined`` with ``launch`` on a worker thread: the CPU backends (torch, onnxruntime, OpenVINO all
+    release the GIL while they compute) run batch k+1 while the calling thread finishes batch k and whatever
+    its consumer does with the results (post-processing, writing outputs). Same order, same errors (an error
+    of ``launch`` is raised where its item is collected)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="imganom-model") as pool:
+        yield from pipelined(source, lambda x: pool.submit(launch, x), lambda f: collect(f.result()), depth)
 
 
 class HostCopy:
