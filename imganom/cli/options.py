@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,12 @@ class ModelOptions:
         if self.threshold_source not in THRESHOLD_SOURCES:
             sources = ", ".join(THRESHOLD_SOURCES)
             fail(f"--threshold-source must be one of {sources}, got {self.threshold_source!r}")
+        for flag, value in (
+            ("--image-threshold", self.image_threshold),
+            ("--pixel-threshold", self.pixel_threshold),
+        ):
+            if value is not None and not math.isfinite(value):  # NaN would pass every image as OK
+                fail(f"{flag} must be a finite number, got {value}")
         from imganom.formats.modelfile import ModelFileError
         from imganom.inference import load_inspector
 
