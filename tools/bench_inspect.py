@@ -1,29 +1,37 @@
-"""End-to-end ``imganom inspect`` throughput vs model-forward-only throughput on the CPU.
+"""CPU inspection speed per backend: forward-only and end-to-end img/s, batch-1 latency, where the time goes.
 
-    python tools/bench_inspect.py                      # 200 synthetic 256 px images, default model at 256
-    python tools/bench_inspect.py --images 64 --profile --json bench_inspect.json
+    python tools/bench_inspect.py --backends torch,onnxruntime,openvino --json bench_inspect.json
+    python tools/bench_inspect.py --sizes 256 --channels 1 --backends openvino --profile
 
-End to end = a real ``imganom inspect`` subprocess (decode in DataLoader workers, model, post-processing,
-masks/heatmaps/overlays/previews, results tables, summary and report); its throughput is taken from
-``summary.json`` (the inspection itself, without interpreter start-up and model loading) and, for reference,
-from the wall time of the whole process. Forward only = ``Inspector.model_maps`` (VAE + anomaly map +
-smoothing) on preloaded tensors at the same batch size. The model is randomly initialised (speed does not
-depend on the weights) with a calibration derived from its own scores, so masks and regions are non-trivial.
-``--profile`` adds a sequential per-stage breakdown (ms per image) of the same work in this process.
+For every size x channels x backend (synthetic PNGs, 10 % defective; the default config at that size and
+channel count, randomly initialised with a calibration from its own scores, so masks and regions exist):
+
+* forward only: ``Inspector.model_maps`` (VAE + anomaly map) on preloaded model-sized tensors, batch 16;
+* end to end: a real ``imganom inspect --backend B`` subprocess writing every default output (masks,
+  heatmaps, overlays, previews, results tables, summary, report); img/s from its ``summary.json`` (the
+  inspection itself, without interpreter start-up and model load);
+* batch-1 latency: ``Inspector.predict(path)`` one file at a time (decode, model, post-processing; no files
+  written), p50 and p99 over ``--latency-calls`` calls.
+
+Backends are measured in interleaved rounds (each round runs every backend once), and the medians over
+``--rounds`` are reported, so a change in machine load hits every backend alike. ``--profile`` adds the CPU
+time (``time.thread_time``, less sensitive to other processes than wall time) of each stage of the same work
+done sequentially, for the first backend at the largest size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -34,35 +42,35 @@ import torch  # noqa: E402
 from imganom.config import load_config  # noqa: E402
 from imganom.data.discovery import find_images  # noqa: E402
 from imganom.data.preprocess import prepare, to_original  # noqa: E402
-from imganom.data.readers import read_image, to_uint8_preview  # noqa: E402
+from imganom.data.readers import read_image, read_options, to_uint8_preview  # noqa: E402
 from imganom.formats.modelfile import save_model  # noqa: E402
-from imganom.inference.inspector import Inspector  # noqa: E402
+from imganom.inference import Inspector  # noqa: E402
 from imganom.models.vae import ConvVAE  # noqa: E402
 
 
-def make_data(root: Path, n: int, size: int) -> Path:
+def make_data(root: Path, n: int, size: int, channels: int) -> Path:
     """``n`` synthetic images (10% defective) of ``size`` px; returns the folder to inspect."""
     from imganom.data.synth import make_dataset
 
     if not (root / "test").is_dir():
         n_def = max(1, n // 10)
-        make_dataset(root, n_train=0, n_test_good=n - n_def, n_test_defect=n_def, size=size, seed=0)
+        make_dataset(
+            root, n_train=0, n_test_good=n - n_def, n_test_defect=n_def, size=size, channels=channels, seed=0
+        )
     return root / "test"
 
 
-def make_model(path: Path, size: int, sample: list[Path]) -> Path:
-    """Random-init default-config model at ``size`` with thresholds from its own scores on ``sample``."""
-    cfg = load_config("default", {"preprocess": {"size": [size, size]}})
+def make_model(path: Path, size: int, channels: int, sample: list[Path]) -> Path:
+    """Random-init default-config model with thresholds from its own scores on ``sample``."""
+    cfg = load_config("default", {"preprocess": {"size": [size, size], "channels": channels}})
     torch.manual_seed(0)
     model = ConvVAE(cfg.model, cfg.preprocess.channels, cfg.preprocess.size).eval()
     save_model(path, model, cfg)
-    insp = Inspector.load(path, device="cpu")
-    rs = insp.predict(sample)
+    rs = Inspector.load(path, device="cpu").predict(sample)
     scores = [r.score for r in rs]
-    pixels = np.concatenate([r.anomaly_map.ravel() for r in rs])
     cal = {
         "image_threshold": float(np.median(scores)),  # about half the images NG: overlays with outlines
-        "pixel_threshold": float(np.quantile(pixels, 0.995)),
+        "pixel_threshold": float(np.quantile(np.concatenate([r.anomaly_map.ravel() for r in rs]), 0.995)),
         "score_scale": float(np.std(scores)) or 1e-3,
         "source": "benchmark (not a real calibration)",
     }
@@ -70,244 +78,191 @@ def make_model(path: Path, size: int, sample: list[Path]) -> Path:
     return path
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + sys) of this process and of all its waited-for descendants so far."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + ru.ru_utime + ru.ru_stime
-
-
 class Forward:
-    """``Inspector.model_maps`` on preloaded model-sized tensors: the device work alone."""
+    """``Inspector.model_maps`` on preloaded model-sized tensors: the model's work alone."""
 
-    def __init__(self, model_path: Path, paths: list[Path], batch: int):
-        self.insp = Inspector.load(model_path, device="cpu")
-        pp = self.insp.cfg.preprocess
-        views = [
-            prepare(read_image(p, intensity=pp.intensity, channels=pp.channels)[0], pp)[0] for p in paths
-        ]
-        x = torch.from_numpy(np.concatenate(views))
+    def __init__(self, insp: Inspector, paths: list[Path], batch: int):
+        self.insp = insp
+        pp, kw = insp.cfg.preprocess, read_options(insp.cfg.preprocess)
+        x = torch.from_numpy(np.concatenate([prepare(read_image(p, **kw)[0], pp)[0] for p in paths]))
         self.n = len(x)
         self.batches = [x[i : i + batch] for i in range(0, len(x), batch)]
-        self.insp.model_maps(self.batches[0])  # warm-up
+        insp.model_maps(self.batches[0])  # warm-up
 
-    def run(self) -> dict[str, float]:
-        c0, t0 = _cpu_seconds(), time.perf_counter()
+    def run(self) -> float:
+        t0 = time.perf_counter()
         for b in self.batches:
             self.insp.model_maps(b)
-        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        return {"seconds": wall, "images_per_s": self.n / wall, "cpu_ms_per_image": 1e3 * cpu / self.n}
+        return self.n / (time.perf_counter() - t0)
 
 
-def end_to_end_cli(model_path: Path, folder: Path, out: Path, batch: int, workers: int, threads: int) -> dict:
-    """Run ``imganom inspect`` as a subprocess; throughput from summary.json and from wall time."""
+def end_to_end(model: Path, folder: Path, out: Path, backend: str, a: argparse.Namespace, env: dict) -> dict:
+    """``imganom inspect`` as a subprocess, every default output; img/s from its summary.json."""
     shutil.rmtree(out, ignore_errors=True)
     exe = Path(sys.executable).with_name("imganom")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "imganom.cli"]
-    cmd += ["inspect", "--model", str(model_path), "--input", str(folder), "--out", str(out)]
-    cmd += ["--batch-size", str(batch), "--workers", str(workers), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    cmd += ["inspect", "--model", str(model), "--input", str(folder), "--out", str(out), "--device", "cpu",
+            "--batch-size", str(a.batch), "--workers", str(a.workers), "--backend", backend,
+            "--threads", str(a.threads)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     if p.returncode != 0:
         raise RuntimeError(f"imganom inspect failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    n = summary["counts"]["total"]
-    return {
-        "images": n,
-        "errors": summary["counts"]["error"],
-        "ng": summary["counts"]["ng"],
-        "seconds": summary["seconds"],
-        "images_per_s": summary["throughput_img_s"],
-        "process_wall_seconds": wall,
-        "process_images_per_s": n / wall,
-        "process_cpu_ms_per_image": 1e3 * cpu / n,  # includes interpreter start-up and model loading
-        "torch_threads": summary.get("torch_threads"),
-    }
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"]["backend"]["name"] == backend, s["model"]
+    return {"img_s": s["throughput_img_s"], "ng": s["counts"]["ng"], "errors": s["counts"]["error"]}
 
 
-def end_to_end_inprocess(model_path: Path, folder: Path, out: Path, batch: int, workers: int) -> dict:
-    """``batch.run_inspect`` (what the CLI calls) in this process: wall and CPU time incl. decode workers."""
-    from imganom.workflows.inspect import run_inspect
+def latency(insp: Inspector, paths: list[Path], calls: int) -> tuple[float, float]:
+    """p50, p99 ms of ``Inspector.predict(path)``, one file at a time."""
+    for p in paths[:3]:
+        insp.predict(p)
+    ts = []
+    for k in range(calls):
+        t0 = time.perf_counter()
+        insp.predict(paths[k % len(paths)])
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.percentile(ts, 50)), float(np.percentile(ts, 99))
 
-    shutil.rmtree(out, ignore_errors=True)
-    insp = Inspector.load(model_path, device="cpu")
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    rows, _ = run_inspect(insp, [folder], out, batch_size=batch, workers=workers)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    n = len(rows)
-    return {"images": n, "seconds": wall, "images_per_s": n / wall, "cpu_ms_per_image": 1e3 * cpu / n}
+
+class StageClock:
+    """Accumulated CPU seconds per stage: ``with clock("decode"): ...``."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, process: bool = False) -> Iterator[None]:
+        fn = time.process_time if process else time.thread_time
+        s = fn()
+        yield
+        self.t[name] = self.t.get(name, 0.0) + fn() - s
 
 
-def profile_stages(model_path: Path, paths: list[Path], batch: int, out: Path) -> dict[str, float]:
-    """Sequential per-stage cost (ms per image) of what ``imganom inspect`` does for each image."""
-    from imganom.reporting.results import ResultsWriter
-    from imganom.reporting.writers import (
-        OutputOptions,
-        _as_rgb,
-        _downscale,
-        colorize,
-        encode_jpeg,
-        encode_png,
-        render_overlay,
-    )
-    from imganom.workflows.inspect import Item, result_row, write_outputs
+def profile_stages(insp: Inspector, paths: list[Path], batch: int) -> dict[str, float]:
+    """CPU ms per image of each stage of ``imganom inspect``'s work, done sequentially on this thread
+    (``model`` is process CPU time: the backend's own threads included)."""
+    from imganom.reporting import writers as W
 
-    insp = Inspector.load(model_path, device="cpu")
-    pp = insp.cfg.preprocess
-    t: dict[str, float] = dict.fromkeys(
-        ["decode", "prepare", "model_maps", "to_original", "postprocess", "write_outputs", "results_row"], 0.0
-    )
-    parts: dict[str, float] = dict.fromkeys(
-        ["preview_u8", "mask_png", "heatmap_colorize+png", "overlay_render", "overlay_png", "preview_jpeg"],
-        0.0,
-    )
-    vmax = 2.0 * insp.image_threshold
-    options = OutputOptions()
-    shutil.rmtree(out, ignore_errors=True)
-    with ResultsWriter(out) as writer:
-        for i in range(0, len(paths), batch):
-            chunk = paths[i : i + batch]
-            s = time.perf_counter()
-            decoded = [read_image(p, intensity=pp.intensity, channels=pp.channels) for p in chunk]
-            t["decode"] += time.perf_counter() - s
-            s = time.perf_counter()
+    pp, kw = insp.cfg.preprocess, read_options(insp.cfg.preprocess)
+    vmax, thr = 2.0 * insp.image_threshold, insp.pixel_threshold
+    clock = StageClock()
+    for i in range(0, len(paths), batch):
+        chunk = paths[i : i + batch]
+        with clock("decode"):
+            decoded = [read_image(p, **kw) for p in chunk]
+        with clock("prepare"):
             prepared = [prepare(chw, pp) for chw, _ in decoded]
             x = torch.from_numpy(np.concatenate([v for v, _ in prepared]))
-            t["prepare"] += time.perf_counter() - s
-            s = time.perf_counter()
+        with clock("model", process=True):
             maps, elbo = insp.model_maps(x)
-            t["model_maps"] += time.perf_counter() - s
-            s = time.perf_counter()
+        with clock("to_original"):
             originals = [to_original(maps[k : k + 1], g) for k, (_, g) in enumerate(prepared)]
-            t["to_original"] += time.perf_counter() - s
-            for k, (p, (chw, meta)) in enumerate(zip(chunk, decoded)):
-                s = time.perf_counter()
-                r = insp.finish(p.name, chw, meta, originals[k], float(elbo[k]), {}, keep_image=True)
-                t["postprocess"] += time.perf_counter() - s
-                # the parts of write_outputs, timed separately (encode only, nothing written)
-                s = time.perf_counter()
+        for k, (p, (chw, meta)) in enumerate(zip(chunk, decoded)):
+            with clock("postprocess"):
+                r = insp.finish(p.name, chw, meta, originals[k], float(elbo[k]), {})
+            with clock("preview_u8"):
                 preview = to_uint8_preview(chw)
-                parts["preview_u8"] += time.perf_counter() - s
-                s = time.perf_counter()
-                encode_png(np.where(r.mask > 0, 255, 0).astype(np.uint8))
-                parts["mask_png"] += time.perf_counter() - s
-                s = time.perf_counter()
-                encode_png(colorize(r.anomaly_map, 0.0, vmax))
-                parts["heatmap_colorize+png"] += time.perf_counter() - s
-                s = time.perf_counter()
-                small = _downscale(_as_rgb(preview), options.max_preview_side)
-                thr = r.thresholds["pixel"]
-                ov = render_overlay(
-                    small,
-                    r.anomaly_map,
-                    r.mask,
-                    threshold=thr,
-                    vmax=vmax,
-                    score=r.norm_score,
-                    verdict=r.verdict,
+            with clock("mask_png"):
+                W.encode_png(np.where(r.mask > 0, 255, 0).astype(np.uint8))
+            with clock("heatmap_png"):
+                W.heatmap_png(r.anomaly_map, 0.0, vmax)
+            with clock("overlay_render"):
+                ov = W.render_overlay(
+                    preview, r.anomaly_map, r.mask, threshold=thr, vmax=vmax, score=r.score, verdict=r.verdict
                 )
-                parts["overlay_render"] += time.perf_counter() - s
-                s = time.perf_counter()
-                encode_png(ov)
-                parts["overlay_png"] += time.perf_counter() - s
-                s = time.perf_counter()
-                encode_jpeg(small)
-                parts["preview_jpeg"] += time.perf_counter() - s
-                # the real thing: encode + atomic writes
-                s = time.perf_counter()
-                outputs = write_outputs(out, r, options)
-                t["write_outputs"] += time.perf_counter() - s
-                s = time.perf_counter()
-                writer.write(result_row(insp, Item(p, p.name), r, None, outputs))
-                t["results_row"] += time.perf_counter() - s
-    n = len(paths)
-    res = {k: v * 1e3 / n for k, v in t.items()}
+            with clock("overlay_png"):
+                W.encode_png(ov)
+            with clock("preview_jpeg"):
+                W.encode_jpeg(preview)
+    res = {k: v * 1e3 / len(paths) for k, v in clock.t.items()}
     res["total"] = sum(res.values())
-    res.update({f"write_outputs.{k}": v * 1e3 / n for k, v in parts.items()})
     return res
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--backends", default="torch,onnxruntime,openvino")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--channels", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2, help="imganom inspect --workers (decode processes)")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    ap.add_argument("--profile", action="store_true", help="also time each stage sequentially in-process")
-    ap.add_argument("--work", type=Path, default=None, help="keep data/model/outputs here (default: temp)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    ap.add_argument("--latency-calls", type=int, default=100)
+    ap.add_argument("--profile", action="store_true", help="per-stage CPU time (first backend, largest size)")
+    ap.add_argument("--work", type=Path, default=None, help="keep data/models/outputs here (default: temp)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     torch.set_num_threads(a.threads)
     work = a.work or Path(tempfile.mkdtemp(prefix="imganom-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["IMGANOM_CACHE_DIR"] = str(work / "cache")  # traced graphs: once, shared with the subprocesses
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    rows, prof = [], None
+    load = [os.getloadavg()[0]]
     try:
-        folder = make_data(work / "data", a.images, a.size)
-        paths = find_images(folder)
-        model = make_model(work / "model.safetensors", a.size, paths[:8])
-        fwd = Forward(model, paths, a.batch)
-        # interleave so a change in machine load between measurements biases the ratio less
-        fwd_runs = [fwd.run()]
-        cli = end_to_end_cli(model, folder, work / "out", a.batch, a.workers, a.threads)
-        fwd_runs.append(fwd.run())
-        inproc = end_to_end_inprocess(model, folder, work / "out-inproc", a.batch, a.workers)
-        fwd_runs.append(fwd.run())
-        del fwd
-        prof = (
-            profile_stages(model, paths[: min(len(paths), 64)], a.batch, work / "prof") if a.profile else None
-        )
+        for size in a.sizes:
+            for ch in a.channels:
+                tag = f"{size}px-{ch}ch"
+                folder = make_data(work / f"data-{tag}", a.images, size, ch)
+                paths = find_images(folder)
+                model = make_model(work / f"model-{tag}.safetensors", size, ch, paths[:8])
+                insps = {
+                    b: Inspector.load(model, device="cpu", backend=b, threads=a.threads) for b in backends
+                }
+                fwd = {b: Forward(insps[b], paths, a.batch) for b in backends}
+                f_runs: dict[str, list[float]] = {b: [] for b in backends}
+                e_runs: dict[str, list[dict]] = {b: [] for b in backends}
+                for _ in range(a.rounds):
+                    for b in backends:
+                        f_runs[b].append(fwd[b].run())
+                        e_runs[b].append(end_to_end(model, folder, work / f"out-{tag}-{b}", b, a, env))
+                        load.append(os.getloadavg()[0])
+                for b in backends:
+                    p50, p99 = latency(insps[b], paths, a.latency_calls)
+                    f = statistics.median(f_runs[b])
+                    e = statistics.median(r["img_s"] for r in e_runs[b])
+                    row = {"size": size, "channels": ch, "backend": b, "forward_img_s": f, "e2e_img_s": e,
+                           "ratio": e / f, "p50_ms": p50, "p99_ms": p99, "forward_runs": f_runs[b],
+                           "e2e_runs": [r["img_s"] for r in e_runs[b]]}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
+                if a.profile and size == max(a.sizes) and ch == a.channels[0]:
+                    prof = profile_stages(insps[backends[0]], paths[:64], a.batch)
+                del insps, fwd
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    f_ips = statistics.median(r["images_per_s"] for r in fwd_runs)
-    f_cpu = statistics.median(r["cpu_ms_per_image"] for r in fwd_runs)
-    ratio = cli["images_per_s"] / f_ips
-    ratio_cpu = f_cpu / inproc["cpu_ms_per_image"]
     print(
-        f"\nimganom inspect, {len(paths)} images of {a.size} px, default model, batch {a.batch}, "
-        f"{a.workers} decode workers, {a.threads} torch threads, load avg {os.getloadavg()[0]:.1f}\n"
+        f"\nimganom inspect on the CPU: {a.images} synthetic PNGs per configuration, default config, batch "
+        f"{a.batch}, {a.workers} decode workers, {a.threads} threads, medians of {a.rounds} interleaved "
+        f"rounds; load average (1 min) {min(load):.1f}-{max(load):.1f}\n"
     )
-    print("| measurement | images/s | seconds | CPU ms/image |")
-    print("|---|---:|---:|---:|")
-    runs = ", ".join(f"{r['images_per_s']:.1f}" for r in fwd_runs)
-    print(f"| model forward only (model_maps; median of {runs}) | {f_ips:.1f} | – | {f_cpu:.1f} |")
-    print(
-        f"| `imganom inspect` end to end (summary.json) | {cli['images_per_s']:.1f} | "
-        f"{cli['seconds']:.2f} | – |"
-    )
-    print(
-        f"| `imganom inspect` incl. process start + model load | {cli['process_images_per_s']:.1f} | "
-        f"{cli['process_wall_seconds']:.2f} | {cli['process_cpu_ms_per_image']:.1f} |"
-    )
-    print(
-        f"| run_inspect in-process end to end | {inproc['images_per_s']:.1f} | {inproc['seconds']:.2f} | "
-        f"{inproc['cpu_ms_per_image']:.1f} |"
-    )
-    print(
-        f"\nratio end-to-end / forward-only: {ratio:.2f} (wall, CLI)   {ratio_cpu:.2f} (CPU time, in-process)"
-    )
+    print("| size | ch | backend | forward img/s | end-to-end img/s | e2e / forward | e2e vs torch | "
+          "batch-1 p50 ms | batch-1 p99 ms |")  # fmt: skip
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ref = next((x for x in rows if x["size"] == r["size"] and x["channels"] == r["channels"]
+                    and x["backend"] == "torch"), None)  # fmt: skip
+        vs = f"{r['e2e_img_s'] / ref['e2e_img_s']:.2f}x" if ref else "–"
+        print(
+            f"| {r['size']} | {r['channels']} | {r['backend']} | {r['forward_img_s']:.1f} | "
+            f"{r['e2e_img_s']:.1f} | {r['ratio']:.2f} | {vs} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
     if prof:
-        print("\nper-stage cost, sequential, ms per image:\n")
-        print("| stage | ms/image | share |")
-        print("|---|---:|---:|")
+        where = f"{backends[0]}, {max(a.sizes)} px, {a.channels[0]} ch"
+        print(f"\nCPU ms per image, each stage sequentially ({where}):\n")
+        print("| stage | CPU ms/image | share |\n|---|---:|---:|")
         for k, v in prof.items():
             if k != "total":
-                share = f"{100 * v / prof['total']:.0f}%" if "." not in k else ""
-                print(f"| {k} | {v:.2f} | {share} |")
+                print(f"| {k} | {v:.2f} | {100 * v / prof['total']:.0f}% |")
         print(f"| total | {prof['total']:.2f} | 100% |")
     if a.json:
-        res = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-            "forward_only": fwd_runs,
-            "end_to_end_cli": cli,
-            "end_to_end_inprocess": inproc,
-            "ratio_wall": ratio,
-            "ratio_cpu": ratio_cpu,
-            "profile_ms_per_image": prof,
-            "torch": torch.__version__,
-            "loadavg_1min": os.getloadavg()[0],
-        }
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+        res = {"config": config, "rows": rows, "profile_cpu_ms_per_image": prof, "loadavg_1min": load,
+               "torch": torch.__version__}  # fmt: skip
         a.json.write_text(json.dumps(res, indent=2) + "\n")
 
 

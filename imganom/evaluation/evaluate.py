@@ -138,6 +138,7 @@ def _model_info(insp: Any) -> dict[str, Any]:
         "size": list(cfg.preprocess.size) if cfg is not None else None,
         "device": str(getattr(insp, "device", "cpu")),
         "precision": precision_label(getattr(insp, "amp", None)),
+        "backend": getattr(insp, "backend_info", None),
         "calibrated": getattr(insp, "image_threshold", None) is not None,
     }
 

@@ -355,6 +355,7 @@ def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: 
             "size": list(insp.cfg.preprocess.size),
             "device": str(insp.device),
             "precision": precision_label(insp.amp),
+            "backend": insp.backend_info,  # name, threads; what --backend auto measured
         },
         "throughput_img_s": processed / st.seconds if st.seconds > 0 else None,
         "seconds": st.seconds,
