@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 
@@ -28,59 +29,75 @@ from imganom.data.readers.base import (
 )
 from imganom.data.readers.intensity import normalize_intensity, window
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 _HEAD_BYTES = 512
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 _SLICE_RE = re.compile(r"^(.*)#slice=(\d+)$", re.DOTALL)
 
 
-def read_image(
-    path: str | Path,
-    *,
-    intensity: IntensityConfig | None = None,
-    channels: int | None = None,
-    channel_policy: str = "convert",
-    max_pixels: int | None = MAX_PIXELS,
-    max_bytes: int | None = MAX_BYTES,
-    slice_index: int | None = None,
-) -> tuple[np.ndarray, ImageMeta]:
-    """Read one image (or one slice of a volume) as float32 CHW in [0, 1], C-contiguous.
+class ReadOptions(TypedDict, total=False):
+    """Keywords of ``read_image``, ``read_image_bytes`` and ``iter_items``; every one is optional.
 
-    ``channels=None`` keeps the stored channels; otherwise ``channel_policy='convert'`` replicates gray to 3,
-    reduces RGB to gray by BT.601 luminance and drops alpha, and ``'strict'`` refuses any mismatch.
-    Volumes need ``slice_index``. ``max_pixels`` bounds H*W and ``max_bytes`` bounds H*W*channels*bytes per
-    sample of the decoded item; both are checked from the header, before pixel data is decoded.
+    ``intensity`` (default ``IntensityConfig()``: mode 'dtype'); ``channels`` (default None: as stored;
+    otherwise ``channel_policy`` 'convert' replicates gray to 3, reduces RGB to gray by BT.601 luminance and
+    drops alpha, 'strict' refuses any mismatch); ``max_pixels`` bounds H*W (default ``MAX_PIXELS``) and
+    ``max_bytes`` H*W*channels*bytes per sample of the decoded item (default ``MAX_BYTES``), both checked from
+    the header before pixel data is decoded (None: no bound); ``slice_index`` picks a slice of a volume.
     """
-    limits = Limits(max_pixels, max_bytes)
-    return _read(file_source(path), intensity, channels, channel_policy, limits, slice_index)
+
+    intensity: IntensityConfig | None
+    channels: int | None
+    channel_policy: str
+    max_pixels: int | None
+    max_bytes: int | None
+    slice_index: int | None
 
 
-def read_options(pp: PreprocessConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Options:
+    intensity: IntensityConfig
+    channels: int | None
+    channel_policy: str
+    limits: Limits
+    slice_index: int | None
+
+
+def _options(kw: dict[str, Any]) -> _Options:
+    unknown = set(kw) - set(ReadOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    policy = kw.get("channel_policy", "convert")
+    if policy not in ("convert", "strict"):
+        raise ValueError(f"channel_policy must be 'convert' or 'strict', got {policy!r}")
+    limits = Limits(kw.get("max_pixels", MAX_PIXELS), kw.get("max_bytes", MAX_BYTES))
+    intensity = kw.get("intensity") or IntensityConfig()
+    return _Options(intensity, kw.get("channels"), policy, limits, kw.get("slice_index"))
+
+
+def read_image(path: str | Path, **options: Unpack[ReadOptions]) -> tuple[np.ndarray, ImageMeta]:
+    """Read one image (or one slice of a volume) as float32 CHW in [0, 1], C-contiguous (``ReadOptions``).
+
+    Volumes need ``slice_index``. Every failure is an ``ImageReadError`` naming the file and the reason.
+    """
+    return _read(file_source(path), _options(options))
+
+
+def read_options(pp: PreprocessConfig) -> ReadOptions:
     """The ``read_image``/``read_image_bytes`` keywords a model's preprocessing asks for (one place)."""
-    return dict(
-        intensity=pp.intensity,
-        channels=pp.channels,
-        channel_policy=pp.channel_policy,
-        max_pixels=pp.max_pixels,
-        max_bytes=pp.max_bytes,
-    )
+    keys = ("intensity", "channels", "channel_policy", "max_pixels", "max_bytes")  # same names in both
+    return cast(ReadOptions, {k: getattr(pp, k) for k in keys})
 
 
 def read_image_bytes(
-    data: bytes,
-    name: str = "<upload>",
-    *,
-    intensity: IntensityConfig | None = None,
-    channels: int | None = None,
-    channel_policy: str = "convert",
-    max_pixels: int | None = MAX_PIXELS,
-    max_bytes: int | None = MAX_BYTES,
-    slice_index: int | None = None,
+    data: bytes, name: str = "<upload>", **options: Unpack[ReadOptions]
 ) -> tuple[np.ndarray, ImageMeta]:
     """``read_image`` for in-memory data (uploads); ``name`` gives the extension and the error label."""
+    opts = _options(options)
     if not data:
         raise ImageReadError(name, "empty data (0 bytes)")
-    src = Source(name, len(data), data=bytes(data))
-    return _read(src, intensity, channels, channel_policy, Limits(max_pixels, max_bytes), slice_index)
+    return _read(Source(name, len(data), data=bytes(data)), opts)
 
 
 def count_slices(path: str | Path) -> int:
@@ -94,25 +111,18 @@ def count_slices(path: str | Path) -> int:
 
 
 def iter_items(
-    path: str | Path,
-    *,
-    intensity: IntensityConfig | None = None,
-    channels: int | None = None,
-    channel_policy: str = "convert",
-    max_pixels: int | None = MAX_PIXELS,
-    max_bytes: int | None = MAX_BYTES,
-    slice_index: int | None = None,
+    path: str | Path, **options: Unpack[ReadOptions]
 ) -> Iterator[tuple[str, np.ndarray, ImageMeta]]:
     """Yield ``(id_suffix, chw, meta)`` per 2-D item: suffix ``""`` for images, ``"#slice=0007"`` per slice.
 
     The file stays open while iterating; errors surface as ``ImageReadError`` on the first ``next()``.
     """
-    _check_policy(channel_policy)
+    opts = _options(options)
     src = file_source(path)
-    with _decoded(src, Limits(max_pixels, max_bytes)) as dec:
-        ks = range(dec.n_slices) if slice_index is None else [_resolve_slice(src.name, dec, slice_index)]
-        for k in ks:
-            arr, meta = _read_slice(src.name, dec, k, intensity, channels, channel_policy)
+    with _decoded(src, opts.limits) as dec:
+        one = opts.slice_index is not None
+        for k in [_resolve_slice(src.name, dec, opts.slice_index)] if one else range(dec.n_slices):
+            arr, meta = _read_slice(src.name, dec, k, opts)
             yield (f"#slice={k:04d}" if dec.n_slices > 1 else ""), arr, meta
 
 
@@ -125,16 +135,9 @@ def split_item_id(item: str) -> tuple[str, int | None]:
 # ------------------------------------------------------------------------------------------ read pipeline
 
 
-def _read(src: Source, intensity, channels, channel_policy, limits: Limits, slice_index):
-    _check_policy(channel_policy)
-    with _decoded(src, limits) as dec:
-        k = _resolve_slice(src.name, dec, slice_index)
-        return _read_slice(src.name, dec, k, intensity, channels, channel_policy)
-
-
-def _check_policy(channel_policy: str) -> None:
-    if channel_policy not in ("convert", "strict"):
-        raise ValueError(f"channel_policy must be 'convert' or 'strict', got {channel_policy!r}")
+def _read(src: Source, opts: _Options) -> tuple[np.ndarray, ImageMeta]:
+    with _decoded(src, opts.limits) as dec:
+        return _read_slice(src.name, dec, _resolve_slice(src.name, dec, opts.slice_index), opts)
 
 
 @contextmanager
@@ -168,8 +171,8 @@ def _resolve_slice(name: str, dec: Decoded, slice_index: int | None) -> int:
     return slice_index
 
 
-def _read_slice(name, dec: Decoded, k, intensity, channels, channel_policy) -> tuple[np.ndarray, ImageMeta]:
-    cfg = intensity or IntensityConfig()
+def _read_slice(name: str, dec: Decoded, k: int, opts: _Options) -> tuple[np.ndarray, ImageMeta]:
+    cfg, channels, channel_policy = opts.intensity, opts.channels, opts.channel_policy
     if cfg.mode == "dtype" and dec.window_error:
         raise ImageReadError(name, dec.window_error)
     _channel_plan(name, dec.channels, dec.has_alpha, channels, channel_policy)  # refuse before decoding

@@ -18,17 +18,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from imganom.data.readers.base import (
-    MAX_BYTES,
-    Decoded,
-    ImageReader,
-    ImageReadError,
-    Limits,
-    Source,
-    check_claim,
-    check_slices,
-    register,
-)
+from imganom.data.readers import base
+from imganom.data.readers.base import ImageReadError
 
 _PIXEL_TAGS = {"PixelData": 0, "FloatPixelData": 4, "DoubleFloatPixelData": 8}  # tag -> itemsize (0: bits)
 _DEFER = 4096  # elements larger than this are read from the file only when used
@@ -73,20 +64,20 @@ def _value_length(ds: Any, keyword: str) -> int | None:
     return len(value) if isinstance(value, (bytes, bytearray)) else None
 
 
-@register
-class DicomReader(ImageReader):
+@base.register
+class DicomReader(base.ImageReader):
     fmt, label, suffixes = "dicom", "DICOM", (".dcm", ".dicom")
     parse_without_signature = True  # DICOM without the 128-byte preamble: let pydicom try
 
     def sniff(self, head: bytes) -> bool:
         return head[128:132] == b"DICM"
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         import pydicom
         from pydicom.pixels import pixel_array
 
         name, force = src.name, head[128:132] != b"DICM"
-        deflated = _check_deflated(fh, name, force, (limits.max_bytes or MAX_BYTES) + _HEADER_ALLOWANCE)
+        deflated = _check_deflated(fh, name, force, (limits.max_bytes or base.MAX_BYTES) + _HEADER_ALLOWANCE)
         try:
             ds = pydicom.dcmread(fh, force=force, defer_size=_DEFER)
         except Exception as e:
@@ -101,16 +92,17 @@ class DicomReader(ImageReader):
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = _PIXEL_TAGS[tag] * 8 or int(ds.get("BitsAllocated", 16) or 16)
         itemsize = 1 if bits <= 8 else 2 if bits <= 16 else 4 if bits <= 32 else 8  # per decoded sample
-        check_slices(name, frames, "frames")
+        base.check_slices(name, frames, "frames")
         if min(frames, spp, bits) < 1:
             raise ImageReadError(name, f"invalid DICOM header: {frames} frames, {spp} samples, {bits} bits")
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         held = _value_length(ds, tag)
         if getattr(ts, "is_encapsulated", False):  # each compressed frame takes at least an 8-byte item
-            check_claim(name, f"{frames} compressed frames", frames * 8, src.size if held is None else held)
+            room = src.size if held is None else held
+            base.check_claim(name, f"{frames} compressed frames", frames * 8, room)
         elif held is not None:
             need = -(-frames * rows * cols * spp * bits // 8)
-            check_claim(name, f"{frames} frame(s) of {rows}x{cols}x{spp} at {bits} bits", need, held)
+            base.check_claim(name, f"{frames} frame(s) of {rows}x{cols}x{spp} at {bits} bits", need, held)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         rescaled = (slope, intercept) != (1.0, 0.0)
@@ -151,7 +143,7 @@ class DicomReader(ImageReader):
             return px, stored
 
         mono1 = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-        return Decoded(
+        return base.Decoded(
             "dicom", (rows, cols), frames, read, channels=spp, itemsize=itemsize,
             invert=mono1, dtype_window=window, window_error=window_error,
         )  # fmt: skip

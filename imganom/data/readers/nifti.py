@@ -13,22 +13,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from imganom.data.readers.base import (
-    DEFLATE_MAX_RATIO,
-    MAX_PLANES,
-    Decoded,
-    ImageReader,
-    ImageReadError,
-    Limits,
-    Source,
-    check_claim,
-    check_slices,
-    register,
-)
+from imganom.data.readers import base
+from imganom.data.readers.base import ImageReadError
 
 
-@register
-class NiftiReader(ImageReader):
+@base.register
+class NiftiReader(base.ImageReader):
     fmt, label, suffixes = "nifti", "NIfTI", (".nii", ".nii.gz")
 
     def sniff(self, head: bytes) -> bool:
@@ -36,7 +26,7 @@ class NiftiReader(ImageReader):
             return True  # gzip: .nii.gz is the only compressed container we read
         return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] == b"n+2\x00"
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         import nibabel as nib
 
         name, gz = src.name, head[:2] == b"\x1f\x8b"
@@ -66,16 +56,17 @@ class NiftiReader(ImageReader):
             tail, n, c = None, 1, 1
         else:
             raise ImageReadError(name, f"unsupported NIfTI shape {shape} (expected 2-D, 3-D or 4-D)")
-        if c > MAX_PLANES:
+        if c > base.MAX_PLANES:
             raise ImageReadError(name, f"NIfTI shape {shape}: last axis of {c} volumes is not a channel axis "
-                                 f"(at most {MAX_PLANES}); 4-D series are not supported")  # fmt: skip
-        check_slices(name, n)
+                                 f"(at most {base.MAX_PLANES}); 4-D series are not supported")  # fmt: skip
+        base.check_slices(name, n)
         claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize + int(getattr(img.dataobj, "offset", 0))
+        what = f"voxel data of shape {shape} ({dtype})"
         if gz:
-            check_claim(name, f"voxel data of shape {shape} ({dtype})", claimed, src.size * DEFLATE_MAX_RATIO,
-                        " once inflated (deflate expands at most 1032 times)")  # fmt: skip
+            hint = f" once inflated (deflate expands at most {base.DEFLATE_MAX_RATIO} times)"
+            base.check_claim(name, what, claimed, src.size * base.DEFLATE_MAX_RATIO, hint)
         else:
-            check_claim(name, f"voxel data of shape {shape} ({dtype})", claimed, src.size)
+            base.check_claim(name, what, claimed, src.size)
 
         def read(k: int) -> tuple[np.ndarray, str]:
             arr = np.asanyarray(img.dataobj[(all_, all_) if tail is None else (all_, all_, k, *tail)])
@@ -84,4 +75,4 @@ class NiftiReader(ImageReader):
                 arr = arr.astype(arr.dtype.newbyteorder("="))
             return arr, dtype.name
 
-        return Decoded("nifti", (shape[0], shape[1]), n, read, channels=c, itemsize=dtype.itemsize)
+        return base.Decoded("nifti", (shape[0], shape[1]), n, read, channels=c, itemsize=dtype.itemsize)

@@ -11,15 +11,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from imganom.data.readers.base import (
-    Decoded,
-    ImageReader,
-    ImageReadError,
-    Limits,
-    Source,
-    one_slice,
-    register,
-)
+from imganom.data.readers import base
+from imganom.data.readers.base import ImageReadError
 
 _KEPT_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
 _BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
@@ -39,7 +32,7 @@ def _itemsize(mode: str) -> int:
     return 4 if mode in ("I", "F") else 2 if mode.startswith("I;16") else 1
 
 
-def _decode_pil(fh: BinaryIO, fmt: str, label: str) -> Decoded:
+def _decode_pil(fh: BinaryIO, fmt: str, label: str) -> base.Decoded:
     im = Image.open(fh, formats=[label])  # header only; DecompressionBombError is wrapped by the caller
     alpha = im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info)
     target = _target_mode(im.mode, alpha)
@@ -49,8 +42,8 @@ def _decode_pil(fh: BinaryIO, fmt: str, label: str) -> Decoded:
         im.load()  # force the lazy decode here so truncation errors surface now
         return np.asarray(im.convert(target) if target else im)
 
-    return Decoded(
-        fmt, (im.size[1], im.size[0]), 1, one_slice(read),
+    return base.Decoded(
+        fmt, (im.size[1], im.size[0]), 1, base.one_slice(read),
         channels=Image.getmodebands(out), itemsize=_itemsize(out), has_alpha=alpha,
     )  # fmt: skip
 
@@ -69,7 +62,7 @@ def _check_chunks(name: str, data: bytes) -> None:
         pos += 12 + length
 
 
-def _decode_png16(fh: BinaryIO, name: str, head: bytes) -> Decoded:
+def _decode_png16(fh: BinaryIO, name: str, head: bytes) -> base.Decoded:
     h, w = int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
     colour = head[25]
 
@@ -87,20 +80,20 @@ def _decode_png16(fh: BinaryIO, name: str, head: bytes) -> Decoded:
             arr = arr[..., [2, 1, 0, 3]]
         return arr
 
-    return Decoded(
-        "png", (h, w), 1, one_slice(read),
+    return base.Decoded(
+        "png", (h, w), 1, base.one_slice(read),
         channels=_PNG_CHANNELS.get(colour, 4), itemsize=2, has_alpha=colour in (4, 6),
     )  # fmt: skip
 
 
-@register
-class PngReader(ImageReader):
+@base.register
+class PngReader(base.ImageReader):
     fmt, label, suffixes = "png", "PNG", (".png",)
 
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b"\x89PNG\r\n\x1a\n")
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         if len(head) < 26 or head[12:16] != b"IHDR":
             raise ImageReadError(src.name, "corrupt PNG: no IHDR header chunk")
         if head[24] == 16:
@@ -108,23 +101,23 @@ class PngReader(ImageReader):
         return _decode_pil(fh, self.fmt, self.label)
 
 
-@register
-class JpegReader(ImageReader):
+@base.register
+class JpegReader(base.ImageReader):
     fmt, label, suffixes = "jpeg", "JPEG", (".jpg", ".jpeg")
 
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b"\xff\xd8\xff")
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         return _decode_pil(fh, self.fmt, self.label)
 
 
-@register
-class BmpReader(ImageReader):
+@base.register
+class BmpReader(base.ImageReader):
     fmt, label, suffixes = "bmp", "BMP", (".bmp",)
 
     def sniff(self, head: bytes) -> bool:
         return head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         return _decode_pil(fh, self.fmt, self.label)

@@ -20,16 +20,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import tifffile
 
-from imganom.data.readers.base import (
-    MAX_PLANES,
-    Decoded,
-    ImageReader,
-    ImageReadError,
-    Limits,
-    Source,
-    one_slice,
-    register,
-)
+from imganom.data.readers import base
+from imganom.data.readers.base import ImageReadError
 
 
 def _bounded(make: Callable[[], Any]) -> Callable[..., bytes]:
@@ -99,24 +91,24 @@ def _layout(name: str, series: Any) -> tuple[tuple[int, ...], int | None]:
         a, _, c = shape
         if "S" in axes:
             return shape, axes.index("S")  # samples per pixel: the layout is explicit
-        if c <= 4 or c <= MAX_PLANES < a:
+        if c <= 4 or c <= base.MAX_PLANES < a:
             return shape, 2  # H x W x C
-        if a <= MAX_PLANES:
+        if a <= base.MAX_PLANES:
             return shape, 0  # C x H x W (planar / page stack)
         raise ImageReadError(
             name, f"TIFF of shape {shape} (axes {axes}) is a stack of images; only single 2-D images "
-            f"with up to {MAX_PLANES} channels/pages are supported")  # fmt: skip
+            f"with up to {base.MAX_PLANES} channels/pages are supported")  # fmt: skip
     raise ImageReadError(name, f"unsupported TIFF layout: shape {shape}, axes {axes}")
 
 
-@register
-class TiffReader(ImageReader):
+@base.register
+class TiffReader(base.ImageReader):
     fmt, label, suffixes = "tiff", "TIFF", (".tif", ".tiff")
 
     def sniff(self, head: bytes) -> bool:
         return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
-    def open(self, fh: BinaryIO, src: Source, head: bytes, limits: Limits) -> Decoded:
+    def open(self, fh: BinaryIO, src: base.Source, head: bytes, limits: base.Limits) -> base.Decoded:
         _check_ifd_chain(fh, src.name, src.size)
         tif = tifffile.TiffFile(fh)
         if not tif.series:
@@ -134,7 +126,7 @@ class TiffReader(ImageReader):
             arr = series.asarray().reshape(shape)
             return arr if chan is None else np.moveaxis(arr, chan, -1)
 
-        return Decoded(
-            "tiff", (h, w), 1, one_slice(read),
+        return base.Decoded(
+            "tiff", (h, w), 1, base.one_slice(read),
             channels=nchan, itemsize=np.dtype(series.dtype).itemsize, has_alpha=alpha,
         )  # fmt: skip

@@ -71,9 +71,11 @@ def _slice0(name: str) -> dict:
 # ------------------------------------------------------------------------------------------ byte budget
 
 
-def test_max_bytes_is_a_preprocess_option():
+def test_max_bytes_is_a_preprocess_option(files):
     assert read_options(PreprocessConfig(max_bytes=1234))["max_bytes"] == 1234
     assert PreprocessConfig().max_bytes == 128 * 2**20
+    with pytest.raises(TypeError, match="unexpected keyword argument.*max_byte"):
+        read_image(files["gray8.png"], max_byte=10)  # a misspelt budget is never ignored
 
 
 @pytest.mark.parametrize("name", ITEM_BYTES)
