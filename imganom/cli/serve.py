@@ -1,7 +1,7 @@
 """``imganom serve``: the HTTP inspection service (``imganom.serve.app``) under uvicorn, one process.
 
 SIGTERM / Ctrl-C stop accepting connections, let in-flight requests finish (the batcher drains its queue)
-and exit 0.
+and exit 0. Binding beyond loopback needs a bearer token (``--token`` or ``IMGANOM_TOKEN``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,19 @@ from imganom.cli.options import (
 @with_model_options
 def serve(
     model: ModelOptions,
-    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (0.0.0.0 exposes it to the network)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Bind address; beyond loopback (e.g. 0.0.0.0) it needs --token."
+    ),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="IMGANOM_TOKEN",
+        show_envvar=True,
+        help="Bearer token every request must send (Authorization: Bearer TOKEN); /healthz and /readyz "
+        "stay open. Required when --host is not a loopback address.",
+    ),
+    docs: bool = typer.Option(False, "--docs", help="Serve /docs, /redoc and /openapi.json (default: off)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most images per device batch."),
     max_wait_ms: float = typer.Option(
         5.0, "--max-wait-ms", min=0.0, help="How long a batch waits for more images."
@@ -31,7 +42,26 @@ def serve(
     max_pixels: int | None = typer.Option(
         None, "--max-pixels", min=1, help="Image size limit H*W (413); default: the model's."
     ),
+    max_image_mb: float = typer.Option(
+        64.0,
+        "--max-image-mb",
+        min=0.001,
+        help="Decoded image limit, H*W*channels*bytes per sample, checked from the header (413); never "
+        "above the model's preprocess.max_bytes.",
+    ),
+    max_inflight_mb: float = typer.Option(
+        1024.0,
+        "--max-inflight-mb",
+        min=1.0,
+        help="Request bodies and decoded images held at once by all requests (503 beyond).",
+    ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", min=0.001, help="Per-request time limit (504)."),
+    read_timeout_s: float = typer.Option(
+        10.0,
+        "--read-timeout-s",
+        min=0.001,
+        help="Headers, then the body, must arrive within this; slower clients get 408 and are closed.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Info logging and an access log."),
 ) -> None:
     """Serve POST /v1/inspect (+ /healthz, /readyz, /v1/model, /metrics) with micro-batching."""
@@ -39,27 +69,38 @@ def serve(
 
     setup(verbose)
     try:
-        import uvicorn
-
         from imganom.serve.app import ServeSettings, create_app
+        from imganom.serve.server import is_loopback, make_server
     except ImportError as e:
         fail(f"{e.name} is not installed; install the server extras: pip install 'imganom[serve]'")
+    if token is not None and not token.strip():
+        fail("--token / IMGANOM_TOKEN is empty")
+    if token is None and not is_loopback(host):
+        fail(
+            f"--host {host} exposes the service beyond this machine: set a bearer token with --token or "
+            "the IMGANOM_TOKEN environment variable (or bind 127.0.0.1)"
+        )
     insp = model.load(require_calibrated=True)
-    try:  # ServeSettings fields in order
-        settings = ServeSettings(max_batch, max_wait_ms, max_queue, max_body_mb, max_pixels, timeout_s)
+    try:
+        settings = ServeSettings(
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_body_mb=max_body_mb,
+            max_pixels=max_pixels,
+            timeout_s=timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_image_mb=max_image_mb,
+            max_inflight_mb=max_inflight_mb,
+            token=token,
+            docs=docs,
+        )
         api = create_app(insp, settings)
     except ValueError as e:
         fail(str(e))
-
-    config = uvicorn.Config(
-        api,
-        host=host,
-        port=port,
-        log_level="info" if verbose else "warning",
-        access_log=verbose,
-        timeout_graceful_shutdown=timeout_s + 5,
+    server = make_server(
+        api, host, port, read_timeout_s=read_timeout_s, graceful_s=timeout_s + 5, verbose=verbose
     )
-    server = uvicorn.Server(config)
 
     # uvicorn installs its own SIGTERM/SIGINT handlers while serving and re-raises the signal afterwards;
     # this handler receives that re-raise (and any signal before uvicorn's are in place), so a graceful
@@ -69,9 +110,10 @@ def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
+    auth = "bearer token required" if token else "no authentication (loopback only)"
     console.print(
         f"imganom serve: model {insp.model_id} ({insp.cfg.name}) on {insp.device}, "
-        f"http://{host}:{port}/v1/inspect",
+        f"http://{host}:{port}/v1/inspect ({auth})",
         soft_wrap=True,
     )
     server.run()

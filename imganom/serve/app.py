@@ -3,19 +3,22 @@
 How a request flows is in ``service``; the pieces: ``uploads`` (body and image bytes), ``batcher``
 (micro-batching), ``errors`` (error bodies and statuses), ``metrics`` (Prometheus), ``schemas`` (JSON).
 
-Status codes: 400 unreadable / corrupt / empty image or bad multipart; 413 body over ``max_body_mb`` or image
-over ``max_pixels`` (a decompression-bomb guard, checked from the header before decoding); 415 unsupported
-Content-Type; 422 bad query parameter, wrong channel count, or a volume (3-D) upload; 503 queue full or too
-many requests in flight (with ``Retry-After: 1``); 504 request not done within ``timeout_s``. Every error
-body is ``{"error": {"code": ..., "message": ...}}``.
+Status codes: 400 unreadable / corrupt / empty image or bad (or truncated) multipart; 401 missing or wrong
+bearer token (when the server has one; /healthz and /readyz stay open); 408 headers or body not received
+within ``read_timeout_s``; 413 body over ``max_body_mb`` or image over ``max_pixels`` / ``max_image_mb``
+(decompression-bomb guards, checked from the header before decoding); 415 unsupported Content-Type; 422 bad
+query parameter, wrong channel count, or a volume (3-D) upload; 503 queue full, too many requests in flight
+or the memory budget ``max_inflight_mb`` used up (with ``Retry-After: 1``); 504 request not done within
+``timeout_s``. Every error body is ``{"error": {"code": ..., "message": ...}}``.
 
-Memory is bounded by admission control: at most ``max_queue + max_batch`` inspection requests are in the
-handler at once, each holding at most ``max_body_mb`` of body plus its decoded image
-(``max_pixels * channels * 4`` bytes).
+Memory is bounded as ``service`` describes: requests in the handler hold at most ``max_inflight_mb`` of
+bodies and decoded images together, plus what the ``decode_threads`` decodes in progress hold (each refused
+from its header beyond ``max_image_mb``). /docs, /redoc and /openapi.json exist only with ``docs``.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +29,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from imganom.inference.inspector import Inspector
-from imganom.serve.errors import ApiError, add_error_handlers
+from imganom.serve.errors import ApiError, add_error_handlers, error_response
 from imganom.serve.metrics import Metrics
 from imganom.serve.schemas import INSPECT_BODY_DOC, InspectResponse, ModelInfo, Status, error_doc
 from imganom.serve.service import ServeSettings, Service
@@ -56,9 +59,28 @@ class RequestMetrics:
             self.metrics.count_request(status[0], time.perf_counter() - t0)
 
 
+class BearerAuth:
+    """ASGI middleware: every path but ``open_paths`` needs ``Authorization: Bearer <token>`` (else 401)."""
+
+    def __init__(self, app: Any, token: str, open_paths: tuple[str, ...] = ("/healthz", "/readyz")):
+        self.app, self.token, self.open_paths = app, token.encode(), open_paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.token):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong bearer token: send 'Authorization: Bearer <token>'"
+        headers = {"WWW-Authenticate": 'Bearer realm="imganom"'}
+        await error_response(401, "unauthorized", message, headers)(scope, receive, send)
+
+
 def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``insp``; the batcher and thread pools live for the app's lifespan."""
-    svc = Service(insp, settings or ServeSettings())
+    settings = settings or ServeSettings()
+    svc = Service(insp, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +97,9 @@ def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAP
         version=__version__,
         lifespan=lifespan,
         description="Visual anomaly inspection: one image in, score, verdict, regions and mask out.",
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.service = svc
     add_error_handlers(app)
@@ -83,7 +108,7 @@ def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAP
         "/v1/inspect",
         response_model=InspectResponse,
         response_model_exclude_none=True,
-        responses=error_doc(400, 413, 415, 422, 500, 503, 504),
+        responses=error_doc(400, 401, 408, 413, 415, 422, 500, 503, 504),
         openapi_extra=INSPECT_BODY_DOC,
         summary="Inspect one image",
     )
@@ -130,7 +155,10 @@ def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAP
         return JSONResponse(Status(status="not_ready", detail=svc.not_ready_reason).model_dump(), 503)
 
     @app.get(
-        "/v1/model", response_model=ModelInfo, summary="The served model: config, thresholds, calibration"
+        "/v1/model",
+        response_model=ModelInfo,
+        responses=error_doc(401),
+        summary="The served model: config, thresholds, calibration (no file paths)",
     )
     async def model_info() -> ModelInfo:
         return svc.model_info()
@@ -141,5 +169,7 @@ def create_app(insp: Inspector, settings: ServeSettings | None = None) -> FastAP
         text = svc.metrics.render(depth, svc.inflight, svc.ready)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(RequestMetrics, metrics=svc.metrics)
+    if settings.token is not None:
+        app.add_middleware(BearerAuth, token=settings.token)
+    app.add_middleware(RequestMetrics, metrics=svc.metrics)  # outermost: refused requests count too
     return app

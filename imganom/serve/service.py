@@ -1,9 +1,15 @@
 """The state behind the routes: one inspector, the micro-batcher, the CPU pool, limits and metrics.
 
-A request's body is read with a hard size cap, decoded in the CPU pool, and its CHW array joins the batcher's
-queue; the batcher runs ``Inspector.predict_arrays`` on a single device thread, so concurrent requests share
-device batches. Mask / overlay encoding and per-request threshold overrides run back in the CPU pool; the
-shared inspector is never modified.
+A request's body is read with a hard size cap and a deadline, decoded in the CPU pool, and its CHW array joins
+the batcher's queue; the batcher runs ``Inspector.predict_arrays`` on a single device thread, so concurrent
+requests share device batches. Mask / overlay encoding and per-request threshold overrides run back in the CPU
+pool; the shared inspector is never modified.
+
+Memory: the bodies being read and the decoded images of all requests in the handler together hold at most
+``max_inflight_mb`` (``MemoryBudget``: beyond it a request gets 503 at once); an image is refused from its
+header when decoded it would exceed ``max_image_mb`` (H x W x channels x bytes per sample), so one decode
+holds at most a few times that, and at most ``decode_threads`` decode at once. Slow clients cost no slot:
+their body counts against the budget only as it arrives, and ``read_timeout_s`` ends them (408).
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -49,14 +58,21 @@ class ServeSettings:
     max_pixels: int | None = None  # None: the model's preprocess.max_pixels
     timeout_s: float = 30.0
     decode_threads: int = max(1, min(4, os.cpu_count() or 1))
+    read_timeout_s: float = 10.0  # headers, then the body, must arrive within this (408 otherwise)
+    max_image_mb: float = 64.0  # decoded image budget (and never more than the model's preprocess.max_bytes)
+    max_inflight_mb: float = 1024.0  # bodies + decoded images held by requests in the handler (503 beyond)
+    token: str | None = field(default=None, repr=False)  # bearer token; None: no authentication
+    docs: bool = False  # serve /docs, /redoc and /openapi.json
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "decode_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_body_mb", "timeout_s"):
+        for name in ("max_body_mb", "timeout_s", "read_timeout_s", "max_image_mb", "max_inflight_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the token must not be empty")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -65,6 +81,47 @@ class ServeSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+class MemoryBudget:
+    """Bytes held by the requests in the handler (bodies as they arrive, decoded images); one event loop."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextmanager
+    def held(self) -> Iterator[Callable[[int], None]]:
+        """One request's share: ``take(n)`` reserves ``n`` more bytes or refuses the request (503, retry
+        later); all of it is given back when the block ends."""
+        taken = [0]
+
+        def take(n: int) -> None:
+            if self.used + n > self.limit:
+                raise busy(
+                    f"requests in flight hold {self.used} bytes; {n} more would exceed --max-inflight-mb"
+                )
+            self.used += n
+            taken[0] += n
+
+        try:
+            yield take
+        finally:
+            self.used -= taken[0]
+
+
+_ABSOLUTE = re.compile(r"^(/|~|\\\\|[A-Za-z]:[\\/])")
+
+
+def without_paths(x: Any) -> Any:
+    """``x`` with every absolute path string (posix, ``~``, Windows drive or UNC) cut to its last part, so
+    /v1/model does not tell clients where the model was trained (``/data/parts/train`` -> ``train``)."""
+    if isinstance(x, str) and _ABSOLUTE.match(x):
+        return (PureWindowsPath(x) if "\\" in x else PurePosixPath(x)).name or "<path>"
+    if isinstance(x, dict):
+        return {k: without_paths(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [without_paths(v) for v in x]
+    return x
 
 
 def rethreshold(
@@ -105,6 +162,8 @@ class Service:
         self.insp, self.settings = insp, settings
         pp = insp.cfg.preprocess
         self.max_pixels = settings.max_pixels or pp.max_pixels
+        self.max_bytes = min(pp.max_bytes, int(settings.max_image_mb * 2**20))
+        self.budget = MemoryBudget(int(settings.max_inflight_mb * 2**20))
         self.metrics = Metrics()
         meta = insp.meta
         self.model_ref = ModelRef(
@@ -167,28 +226,34 @@ class Service:
 
         if self.batcher is None or self.pool is None or self.stopping:
             raise busy("server is not running (starting or shutting down)")
-        if self.inflight >= s.max_queue + s.max_batch:
-            raise busy(f"too many requests in flight ({self.inflight}); retry later")
-        self.inflight += 1
-        try:
-            body = await within(read_body(request, s.max_body_bytes))
+        with self.budget.held() as take:
+            try:
+                body = await asyncio.wait_for(read_body(request, s.max_body_bytes, take), s.read_timeout_s)
+            except asyncio.TimeoutError:
+                msg = f"request body not received within {s.read_timeout_s:g}s (--read-timeout-s)"
+                raise ApiError(408, "request_timeout", msg, {"Connection": "close"}) from None
             data, name = await extract_image(request, body)
             del body
-            chw, meta = await within(loop.run_in_executor(self.pool, self._decode, data, name))
-            del data
-            req_id = request.headers.get("x-request-id", "")
-            req_id = req_id if REQUEST_ID.match(req_id) else uuid.uuid4().hex
+            if self.inflight >= s.max_queue + s.max_batch:
+                raise busy(f"too many requests in flight ({self.inflight}); retry later")
+            self.inflight += 1
             try:
-                fut = self.batcher.submit((req_id, chw, meta))
-            except asyncio.QueueFull:
-                raise busy(f"inspection queue is full ({s.max_queue} waiting); retry later") from None
-            try:
-                result = await within(fut)
-            except (ImageReadError, ValueError) as e:
-                raise ApiError(422, "cannot_inspect", f"{name}: cannot inspect image: {e}") from None
-            resp = await within(loop.run_in_executor(self.pool, self._respond, result, meta, opts, t0))
-        finally:
-            self.inflight -= 1
+                chw, meta = await within(loop.run_in_executor(self.pool, self._decode, data, name))
+                del data
+                take(chw.nbytes)
+                req_id = request.headers.get("x-request-id", "")
+                req_id = req_id if REQUEST_ID.match(req_id) else uuid.uuid4().hex
+                try:
+                    fut = self.batcher.submit((req_id, chw, meta))
+                except asyncio.QueueFull:
+                    raise busy(f"inspection queue is full ({s.max_queue} waiting); retry later") from None
+                try:
+                    result = await within(fut)
+                except (ImageReadError, ValueError) as e:
+                    raise ApiError(422, "cannot_inspect", f"{name}: cannot inspect image: {e}") from None
+                resp = await within(loop.run_in_executor(self.pool, self._respond, result, meta, opts, t0))
+            finally:
+                self.inflight -= 1
         self.metrics.verdicts[resp.verdict] += 1
         return resp
 
@@ -198,7 +263,7 @@ class Service:
             return read_image_bytes(
                 data,
                 name,
-                **{**read_options(pp), "max_pixels": self.max_pixels},
+                **{**read_options(pp), "max_pixels": self.max_pixels, "max_bytes": self.max_bytes},
             )
         except ImageReadError as e:
             raise classify_read_error(e) from None
@@ -253,11 +318,12 @@ class Service:
                 "resize": pp.resize,
                 "intensity": pp.intensity.mode,
                 "max_pixels": self.max_pixels,
+                "max_bytes": self.max_bytes,
             },
-            config=meta.config,
+            config=without_paths(meta.config),
             thresholds=Thresholds(image=insp.image_threshold, pixel=insp.pixel_threshold),
-            calibration=meta.calibration,
-            training=meta.training,
+            calibration=without_paths(meta.calibration),
+            training=without_paths(meta.training),
             versions={k: str(v) for k, v in meta.versions.items()},
             format_version=meta.format_version,
             device=str(insp.device),

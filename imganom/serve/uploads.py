@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import PurePath
 
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -17,8 +17,11 @@ RAW_CONTENT_TYPES: dict[str, str] = {
 }  # fmt: skip
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, refusing (413) a declared Content-Length or an actual stream over ``limit``."""
+async def read_body(request: Request, limit: int, take: Callable[[int], None] | None = None) -> bytes:
+    """The whole request body, refusing (413) a declared Content-Length or an actual stream over ``limit``.
+
+    ``take(n)`` is called before ``n`` more bytes are kept (a memory budget; it may raise to refuse).
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -37,6 +40,8 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise ApiError(
                     413, "body_too_large", f"request body exceeds the limit of {limit} bytes (--max-body-mb)"
                 )
+            if take is not None:
+                take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "client disconnected while sending the body") from None
@@ -65,7 +70,27 @@ async def extract_image(request: Request, body: bytes) -> tuple[bytes, str]:
     return body, "upload" + RAW_CONTENT_TYPES.get(ctype or "application/octet-stream", "")
 
 
+def boundary_of(content_type: str | None) -> bytes | None:
+    """The ``boundary`` parameter of a multipart Content-Type (quotes removed), None if absent."""
+    for param in (content_type or "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1", "replace")
+    return None
+
+
 async def _from_multipart(request: Request, body: bytes) -> tuple[bytes, str]:
+    boundary = boundary_of(request.headers.get("content-type"))
+    if boundary is None:
+        raise ApiError(400, "bad_multipart", "multipart Content-Type without a boundary parameter")
+    if body.rfind(b"--" + boundary + b"--") < 0:  # a part cut short reads as "no such field" otherwise
+        raise ApiError(
+            400,
+            "bad_multipart",
+            "multipart body is truncated or malformed: its closing boundary "
+            f"'--{boundary.decode('latin-1')}--' is missing",
+        )
+
     async def once() -> AsyncIterator[bytes]:
         yield body
 

@@ -10,13 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -31,10 +27,10 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from serve_process import Server
 
 pytestmark = pytest.mark.timeout(120)
 HTTP = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=128))  # thread-safe, shared by all tests
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -46,51 +42,12 @@ def trained(small_run: dict[str, Path]) -> dict[str, Path]:
     return small_run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One ``imganom serve`` subprocess (the CLI entry point) on a free loopback port."""
-
-    def __init__(self, model: Path, log: Path, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "imganom.cli",
-               "serve", "--model", str(model), "--port", str(self.port)]
-        cmd += args
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if HTTP.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server not ready after {timeout}s:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        """Teardown only: the graceful SIGTERM path has its own test."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def servers(trained: dict[str, Path]) -> Iterator[dict[str, Server]]:
     m, root = trained["model"], trained["root"]
     srv = {
         "main": Server(m, root / "main.log", "--max-body-mb", "0.5", "--max-pixels", "1000000",
-                       "--max-wait-ms", "20", "--max-queue", "16"),
+                       "--max-wait-ms", "20", "--max-queue", "16", "--docs"),
         "term": Server(m, root / "term.log", "--max-batch", "64", "--max-wait-ms", "1500"),
     }  # fmt: skip
     try:
@@ -268,7 +225,7 @@ def test_health_ready_and_model(main: str, openapi: dict, trained: dict[str, Pat
                                   "pixel": meta.calibration["pixel_threshold"]}  # fmt: skip
     assert info["calibration"]["n_images"] == meta.calibration["n_images"]
     assert info["input"] == {"size": [64, 64], "channels": 1, "resize": "stretch", "intensity": "dtype",
-                             "max_pixels": 1_000_000}  # fmt: skip
+                             "max_pixels": 1_000_000, "max_bytes": 64 * 2**20}  # fmt: skip
     assert info["versions"]["imganom"] and info["training"]
 
 
@@ -278,7 +235,7 @@ def test_openapi_documents_the_endpoint(openapi: dict) -> None:
     assert {"multipart/form-data", "image/png", "image/jpeg", "image/tiff", "application/dicom"} <= set(
         content
     )
-    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(op["responses"])
+    assert {"200", "400", "401", "408", "413", "415", "422", "503", "504"} <= set(op["responses"])
     assert {p["name"] for p in op["parameters"]} == {"mask", "overlay", "regions", "image_threshold",
                                                        "pixel_threshold"}  # fmt: skip
 

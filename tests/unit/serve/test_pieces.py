@@ -1,5 +1,6 @@
 """The small pieces of ``imganom.serve`` with logic of their own: Prometheus text, reader-error statuses,
-request-body limits and upload parsing (real starlette Requests over an in-memory ASGI receive channel)."""
+request-body limits and upload parsing (real starlette Requests over an in-memory ASGI receive channel), the
+memory budget, paths kept out of /v1/model and the loopback rule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from starlette.requests import Request
 from imganom.data.readers import ImageReadError
 from imganom.serve.errors import ApiError, busy, classify_read_error, error_response
 from imganom.serve.metrics import Histogram, Metrics
-from imganom.serve.uploads import extract_image, media_type, read_body
+from imganom.serve.server import is_loopback
+from imganom.serve.service import MemoryBudget, without_paths
+from imganom.serve.uploads import boundary_of, extract_image, media_type, read_body
 
 # ------------------------------------------------------------------------------------------- metrics
 
@@ -137,6 +140,8 @@ def test_extract_image_raw_and_multipart() -> None:
         ("wrong field", 400, "missing_file"),
         ("pdf part", 415, "unsupported_media_type"),
         ("broken multipart", 400, "bad_multipart"),
+        ("no closing boundary", 400, "bad_multipart"),
+        ("no boundary", 400, "bad_multipart"),
     ],
 )
 def test_extract_image_refusals(case: str, status: int, code: str) -> None:
@@ -148,7 +153,49 @@ def test_extract_image_refusals(case: str, status: int, code: str) -> None:
         body, headers = _multipart("image", "a.png", "image/png", b"x")
     elif case == "pdf part":
         body, headers = _multipart("file", "a.pdf", "application/pdf", b"x")
+    elif case == "no closing boundary":
+        body, headers = _multipart("file", "a.png", "image/png", b"x")
+        body = body[: -len(b"--XyZ--\r\n")]
+    elif case == "no boundary":
+        body, headers = _multipart("file", "a.png", "image/png", b"x")
+        headers = {"content-type": "multipart/form-data"}
     else:
         body, headers = b"--nope\r\n garbage", {"content-type": "multipart/form-data; boundary=XyZ"}
     e = _api_error(extract_image(_request(body, headers), body))
     assert (e.status, e.code) == (status, code)
+    if case == "no closing boundary":
+        assert "truncated" in e.message and "'--XyZ--'" in e.message
+
+
+def test_boundary_of() -> None:
+    assert boundary_of('multipart/form-data; charset=utf-8; Boundary="a b"') == b"a b"
+    assert boundary_of("multipart/form-data") is None and boundary_of(None) is None
+
+
+def test_memory_budget_refuses_beyond_its_limit_and_gives_back() -> None:
+    budget = MemoryBudget(100)
+    with budget.held() as take:
+        take(60)
+        with budget.held() as other:
+            with pytest.raises(ApiError) as e:
+                other(50)
+            assert (e.value.status, e.value.code) == (503, "overloaded") and budget.used == 60
+            other(40)
+        assert budget.used == 60
+    assert budget.used == 0
+    with pytest.raises(ApiError), budget.held() as take:  # given back when the request fails, too
+        take(30)
+        take(80)
+    assert budget.used == 0
+    body = b"x" * 101  # the body counts as it arrives
+    with budget.held() as take:
+        assert _api_error(read_body(_request(body, {}), 1000, take)).status == 503
+
+
+def test_without_paths_and_loopback() -> None:
+    meta = {"data": "/home/op/line3/train", "win": "D:\\scans\\good", "unc": "\\\\nas\\share\\x",
+            "home": "~/parts", "name": "tiny", "rel": "runs/a", "list": ["/a/b", 1, None]}  # fmt: skip
+    assert without_paths(meta) == {"data": "train", "win": "good", "unc": "x", "home": "parts",
+                                   "name": "tiny", "rel": "runs/a", "list": ["b", 1, None]}  # fmt: skip
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "example.com", ""))
