@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import PACKAGE
-from image_files import png_zeros
+from image_files import png_zeros, tiff_planes_claim
 from safetensors import safe_open
 from safetensors.torch import save_file
 from serve_process import ENV, Server, free_port
@@ -176,10 +176,13 @@ def test_truncated_multipart_body_says_so(server: Server, png: bytes) -> None:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def test_bomb_png_is_refused_from_its_header_without_memory_growth(server: Server, png: bytes) -> None:
-    """A 164 KB PNG claiming 13000 x 13000 (169 MB decoded, 676 MB as float32) gets 413 from its header;
-    the server's peak RSS (VmHWM, reset just before) grows by less than 32 MiB over three such uploads."""
-    bomb = png_zeros(13000, 13000)
+@pytest.mark.parametrize("kind", ["png", "tiff"])
+def test_bombs_are_refused_from_their_header_with_flat_memory(server: Server, png: bytes, kind: str) -> None:
+    """A 164 KB PNG claiming 13000 x 13000 (169 MB decoded, 676 MB as float32), a zlib TIFF claiming 16
+    float64 planes of 4096 x 4096 (2 GiB): 413 from the header, and the server's peak RSS (VmHWM, reset just
+    before) grows by less than 32 MiB over three such uploads."""
+    bomb = png_zeros(13000, 13000) if kind == "png" else tiff_planes_claim(16, 4096)
+    side = "13000x13000" if kind == "png" else "4096x4096"
     assert len(bomb) < 200_000
     pid = server.proc.pid
     assert _post(server.url, png).status_code == 200  # warm: the first request's own allocations
@@ -187,10 +190,10 @@ def test_bomb_png_is_refused_from_its_header_without_memory_growth(server: Serve
     peak0 = _vm(pid, "VmHWM")
     assert peak0 <= _vm(pid, "VmRSS") + (1 << 20)
     for _ in range(3):
-        r = _post(server.url, bomb)
+        r = _post(server.url, bomb, {"Content-Type": f"image/{kind}"})
         err = r.json()["error"]
         assert (r.status_code, err["code"]) == (413, "image_too_large"), err
-        assert "13000x13000" in err["message"] and "max_bytes=67108864" in err["message"]
+        assert side in err["message"] and "max_bytes=67108864" in err["message"]
     grown = _vm(pid, "VmHWM") - peak0
     assert grown < 32 << 20, f"peak RSS grew by {grown >> 20} MiB"
 
