@@ -58,7 +58,7 @@ def output_stem(item_id: str) -> str:
     This is one-to-one. Where it cannot be (a character unsafe in file names or URLs such as ``<>:"|?*\\#``,
     a control character, an empty/``.``/``..``/absolute component, a name without an image extension or
     longer than 180 bytes), the unsafe parts become '_' and ``~h`` + 8 hex digits of the id's SHA-256 are
-    appended (``x<.png -> x__png~h1c0ffee5``), so such names neither collide nor escape the output folder.
+    appended (``x<.png -> x__png~h2d8249b7``), so such names neither collide nor escape the output folder.
     """
     *folders, name = item_id.split("/")
     m = _SLICE.search(name)
