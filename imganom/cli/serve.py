@@ -57,10 +57,7 @@ def serve(
     ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", min=0.001, help="Per-request time limit (504)."),
     read_timeout_s: float = typer.Option(
-        10.0,
-        "--read-timeout-s",
-        min=0.001,
-        help="Headers, then the body, must arrive within this; slower clients get 408 and are closed.",
+        10.0, "--read-timeout-s", min=0.001, help="Headers, then the body, must arrive in this time (408)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Info logging and an access log."),
 ) -> None:
