@@ -110,11 +110,14 @@ class TrainResult:
         sc = self.self_check
         if sc:
             f = {k: "n/a" if sc.get(k) is None else f"{sc[k]:.3f}" for k in selfcheck.METRICS}
+            b = sc.get("baseline") or {}
+            base = " / ".join("n/a" if b.get(k) is None else f"{b[k]:.3f}" for k in selfcheck.METRICS)
             out.append(
                 (
                     "info",
                     f"self-check on synthetic defects: image AUROC {f['image_auroc']}, "
-                    f"pixel AUROC {f['pixel_auroc']}, AUPRO {f['aupro']}",
+                    f"pixel AUROC {f['pixel_auroc']}, AUPRO {f['aupro']} (the average normal image as "
+                    f"reconstruction: {base})",
                 )
             )
             if sc.get("poor"):

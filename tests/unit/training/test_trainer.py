@@ -74,6 +74,8 @@ def test_log_has_one_row_per_epoch_and_loss_decreases(tiny_model: Path) -> None:
     check = meta.training["self_check"]
     assert check["n_anomalous"] == 4 * check["n_normal"] and 0 <= check["image_auroc"] <= 1
     assert set(check["per_family"]) == {"cutpaste", "perlin", "blob", "scratch"}
+    base = check["baseline"]  # the average normal image as reconstruction: another, model-free number
+    assert set(base) == {"image_auroc", "pixel_auroc", "aupro"} and base != {k: check[k] for k in base}
     # precision "auto" on the CPU: bf16 autocast where the CPU has native bf16, else fp32
     from imganom.utils.device import cpu_has_native_bf16
 
