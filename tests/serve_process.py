@@ -16,6 +16,22 @@ ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "P
 ENV.pop("IMGANOM_TOKEN", None)
 
 
+# Runs the CLI (``python -m imganom.cli``) in this process, plus a thread that kills it once its parent (the
+# test process) is gone, so a crashed pytest leaves no server behind (PR_SET_PDEATHSIG is not honoured in
+# every sandbox).
+_WITH_PARENT = """
+import os, runpy, signal, sys, threading, time
+parent = os.getppid()
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["imganom", *sys.argv[1:]]
+runpy.run_module("imganom.cli", run_name="__main__")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +45,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "imganom.cli", "serve", "--model", str(model), "--port", str(self.port)]
+        cmd = [sys.executable, "-c", _WITH_PARENT, "serve", "--model", str(model), "--port", str(self.port)]
         cmd += args
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=ENV)
