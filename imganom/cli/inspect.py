@@ -12,10 +12,12 @@ from imganom.cli.options import (
     BatchSizeOpt,
     ModelOptions,
     NoReportOpt,
+    OverlaysOpt,
     RawMapsOpt,
     RecursiveOpt,
     VerboseOpt,
     WorkersOpt,
+    check_overlays,
     check_raw_maps,
     with_model_options,
 )
@@ -34,6 +36,7 @@ def inspect(
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
     fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
     raw_maps: RawMapsOpt = None,
+    overlays: OverlaysOpt = "ng",
     no_report: NoReportOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -45,6 +48,7 @@ def inspect(
     from imganom.workflows.inspect import InspectStats, run_inspect
 
     check_raw_maps(raw_maps)
+    check_overlays(overlays)
     insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
@@ -69,7 +73,7 @@ def inspect(
                 batch_size=batch_size,
                 workers=workers,
                 resume=resume,
-                options=OutputOptions(raw_maps=raw_maps),
+                options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
                 report=not no_report,
                 on_progress=on_progress,
             )

@@ -64,6 +64,10 @@ RawMapsOpt = Annotated[
     str | None, typer.Option("--raw-maps", help="Also save raw maps: npy (float16) | png16.")
 ]
 NoReportOpt = Annotated[bool, typer.Option("--no-report", help="Skip report.html.")]
+OverlaysOpt = Annotated[
+    str, typer.Option("--overlays", help="Overlay images for: ng (every image but the OK ones) | all | none.")
+]
+OVERLAYS = ("all", "ng", "none")  # reporting.writers.OVERLAYS (not imported: --help stays fast)
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 
 
@@ -71,6 +75,12 @@ def check_raw_maps(raw_maps: str | None) -> None:
     """Exit 2 unless ``--raw-maps`` is empty, npy or png16."""
     if raw_maps is not None and raw_maps not in RAW_MAP_FORMATS:
         fail(f"--raw-maps must be npy or png16, got {raw_maps!r}")
+
+
+def check_overlays(overlays: str) -> None:
+    """Exit 2 unless ``--overlays`` is all, ng or none."""
+    if overlays not in OVERLAYS:
+        fail(f"--overlays must be all, ng or none, got {overlays!r}")
 
 
 @dataclass(frozen=True)

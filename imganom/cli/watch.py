@@ -10,9 +10,11 @@ from imganom.cli.common import EXIT_RUNTIME, console, fail, setup
 from imganom.cli.options import (
     BatchSizeOpt,
     ModelOptions,
+    OverlaysOpt,
     RawMapsOpt,
     RecursiveOpt,
     VerboseOpt,
+    check_overlays,
     check_raw_maps,
     with_model_options,
 )
@@ -45,6 +47,7 @@ def watch(
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
     raw_maps: RawMapsOpt = None,
+    overlays: OverlaysOpt = "ng",
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html on exit."),
     verbose: VerboseOpt = False,
 ) -> None:
@@ -64,6 +67,7 @@ def watch(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         check_raw_maps(raw_maps)
+        check_overlays(overlays)
         if not in_dir.is_dir():
             fail(f"watched folder not found: {in_dir}")
         insp = model.load()
@@ -73,7 +77,8 @@ def watch(
 
         opts = WatchOptions(done=done, error=error, poll_s=poll_s, settle_s=settle_s, retry_s=retry_s,
                             recursive=recursive, batch_size=batch_size, once=once,
-                            outputs=OutputOptions(raw_maps=raw_maps), report=not no_report)  # fmt: skip
+                            outputs=OutputOptions(raw_maps=raw_maps, overlays=overlays),
+                            report=not no_report)  # fmt: skip
 
         def on_batch(st: WatchStats) -> None:
             extra = f" ({st.recovered} from an interrupted run)" if st.recovered else ""

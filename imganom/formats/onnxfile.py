@@ -116,14 +116,19 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
     return parse_onnx_props({x.key: x.value for x in load_onnx_proto(p).metadata_props}, p)
 
 
-def open_session(path: Path, providers: list[str], threads: int | None = None) -> Any:
+def open_session(path: Path, providers: list[str], threads: int | None = None, spinning: bool = False) -> Any:
     """An onnxruntime session on ``providers``; ``threads``: intra-op threads (None: onnxruntime's default).
-    Raises ModelFileError when onnxruntime cannot load the file."""
+    ``spinning``: let idle intra-op threads busy-wait for the next op (onnxruntime's default). Off here: on a
+    few cores the spinning threads take the CPU that decoding, post-processing and writing need (2-core
+    machine, 256 px: 32 instead of 49-55 CPU ms per image for the forward pass alone, end to end 1.5x faster;
+    docs/BENCHMARKS.md). Raises ModelFileError when onnxruntime cannot load the file."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     try:
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -242,6 +242,9 @@ def _downscale(img: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
+OVERLAYS = ("all", "ng", "none")
+
+
 @dataclass
 class OutputOptions:
     """Which per-image files ``write_item_outputs`` produces.
@@ -249,12 +252,14 @@ class OutputOptions:
     ``raw_maps``: None, ``'npy'`` (float16 array) or ``'png16'`` (uint16 PNG, pixel = map / vmax * 65535,
     saturating at vmax; decode with ``png / 65535 * vmax``, so the caller must record vmax).
     ``max_preview_side`` bounds previews and overlays (report thumbnails); masks and heatmaps keep the
-    original size.
+    original size. ``overlays``: ``"ng"`` (default: every image but the OK ones, whose overlay shows no
+    region; rendering and compressing it was a quarter of the CPU time of writing outputs), ``"all"`` or
+    ``"none"`` (True / False mean "all" / "none").
     """
 
     masks: bool = True
     heatmaps: bool = True
-    overlays: bool = True
+    overlays: str | bool = "ng"
     previews: bool = True
     raw_maps: str | None = None
     max_preview_side: int = 512
@@ -262,6 +267,14 @@ class OutputOptions:
     def __post_init__(self) -> None:
         if self.raw_maps not in (None, "npy", "png16"):
             raise ValueError(f"raw_maps must be None, 'npy' or 'png16', got {self.raw_maps!r}")
+        if isinstance(self.overlays, bool):
+            self.overlays = "all" if self.overlays else "none"
+        if self.overlays not in OVERLAYS:
+            raise ValueError(f"overlays must be one of {', '.join(OVERLAYS)}, got {self.overlays!r}")
+
+    def overlay_for(self, verdict: str | None) -> bool:
+        """Whether an image with this verdict gets an overlay."""
+        return self.overlays == "all" or (self.overlays == "ng" and verdict != "OK")
 
 
 def write_item_outputs(
@@ -296,9 +309,10 @@ def write_item_outputs(
         put("mask", f"masks/{stem}.png", encode_png(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8)))
     if options.heatmaps:
         put("heatmap", f"heatmaps/{stem}.png", heatmap_png(amap, 0.0, vmax))
-    if options.overlays or options.previews:
+    overlay = options.overlay_for(verdict)
+    if overlay or options.previews:
         small = _downscale(_as_rgb(preview), options.max_preview_side)
-        if options.overlays:
+        if overlay:
             ov = render_overlay(
                 small, amap, mask, threshold=threshold, vmax=vmax, score=score, verdict=verdict
             )

@@ -95,7 +95,8 @@ def test_inspect_mixed_folder(tiny_model: Path, synth_root: Path, mixed, tmp_pat
     for r in ok_rows:
         assert r["verdict"] in ("OK", "NG") and np.isfinite(r["score"]) and r["error"] is None
         assert r["size"] == [64, 64] and r["model_id"] == by_id[expected[0]]["model_id"]
-        for kind in ("mask", "heatmap", "overlay"):
+        assert ("overlay" in r["outputs"]) == (r["verdict"] == "NG")  # overlays: NG images by default
+        for kind in ("mask", "heatmap", "overlay")[: 3 if r["verdict"] == "NG" else 2]:
             f = out / r["outputs"][kind]
             assert f.is_file() and f.stat().st_size > 0, (r["id"], kind)
         mask = cv2.imread(str(out / r["outputs"]["mask"]), cv2.IMREAD_UNCHANGED)
@@ -176,8 +177,9 @@ def test_inspect_resume_after_sigkill(tiny_model: Path, tmp_path: Path) -> None:
     assert [{k: r[k] for k in COMPARE} for r in resumed] == [{k: r[k] for k in COMPARE} for r in ref]
     assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in ref], rel=1e-5)
     assert sum(r["verdict"] == "NG" for r in ref) >= 5  # the 10 defects are mostly found at 2x downscale
-    for r in resumed:
-        assert (out / r["outputs"]["overlay"]).is_file()
+    for r in resumed:  # overlays: NG images by default
+        ng = r["verdict"] == "NG"
+        assert (out / r["outputs"]["overlay"]).is_file() if ng else "overlay" not in r["outputs"]
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"demo weights {WEIGHTS} absent (training them is slow)")

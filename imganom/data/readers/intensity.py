@@ -77,6 +77,8 @@ def to_uint8_preview(chw: np.ndarray) -> np.ndarray:
         a = a[None]
     if a.ndim != 3 or a.shape[0] == 0:
         raise ValueError(f"expected a CHW or HW array, got shape {a.shape}")
-    a = a[:3] if a.shape[0] >= 3 else np.repeat(a[:1], 3, axis=0)
-    a = np.clip(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    return np.ascontiguousarray((a * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0))
+    a = a[:3] if a.shape[0] >= 3 else a[:1]
+    u8 = (np.clip(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if len(u8) == 1:  # gray: converted once, repeated as bytes (1/3 of the float work)
+        return np.repeat(u8[0][:, :, None], 3, axis=2)
+    return np.ascontiguousarray(u8.transpose(1, 2, 0))

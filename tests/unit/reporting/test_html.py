@@ -34,8 +34,9 @@ def _make_rows(out_dir: Path) -> list[dict]:
         amap = (score * np.exp(-((yy - h / 2) ** 2 + (xx - w / 3) ** 2) / (0.02 * h * w))).astype(np.float32)
         verdict = "NG" if score >= IMAGE_THRESHOLD else "OK"
         mask = amap > 0.3 if verdict == "NG" else np.zeros_like(amap, bool)
+        every = OutputOptions(overlays="all")  # an overlay for the OK rows too
         outputs = write_item_outputs(out_dir, item_id, preview, amap, mask, threshold=0.3, vmax=1.0,
-                                     score=score, verdict=verdict, options=OutputOptions())  # fmt: skip
+                                     score=score, verdict=verdict, options=every)  # fmt: skip
         n = int(mask.any())
         regions = [{"id": 1, "bbox": [0, 0, 5, 5], "area": int(mask.sum()), "area_pct": 1.5,
                     "centroid": [2.0, 2.0], "peak": score, "mean": score / 2}] if n else []  # fmt: skip
