@@ -188,22 +188,24 @@ def rank_settings(
     rows: list[dict[str, Any]] = []
     raw_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     pix_cache: dict[tuple, dict[str, float]] = {}
+    stat_cache: dict[tuple, dict[str, torch.Tensor]] = {}
     for mcfg, sigma in itertools.product(_candidate_maps(cfg, tile), SIGMAS):
         key = (mcfg.l1, mcfg.ssim, mcfg.channel_reduce)
         if key not in raw_cache:
             plain = AnomalyHead(_with(cfg, mcfg, sigma))
             raw_cache[key] = (raw_maps(plain, pset.images, recon_p), raw_maps(plain, normal_views, recon_n))
         raw_p, raw_n = raw_cache[key]
-        stats = None if tile else normal_statistics(raw_n, mcfg, sigma)
+        pkey = (*key, tuple(mcfg.scales), sigma)
+        needs = not tile and (mcfg.standardize != "off" or bool(mcfg.scales))
+        if needs and pkey not in stat_cache:
+            stat_cache[pkey] = normal_statistics(raw_n, mcfg, sigma)
+        head = AnomalyHead(_with(cfg, mcfg, sigma), stat_cache[pkey] if needs else None)
+        out = head_output(head, raw_p)
+        if pkey not in pix_cache:
+            pix_cache[pkey] = pixel_metrics(out.maps, pset)
         for score in SCORES:
-            head = AnomalyHead(_with(cfg, mcfg, sigma, score), stats)
-            out = head_output(head, raw_p)
-            pkey = (*key, tuple(mcfg.scales), sigma)
-            if pkey not in pix_cache:
-                pix_cache[pkey] = pixel_metrics(out.maps, pset)
-            img = float(
-                roc_auc_score(pset.labels, image_scores(out, head.post_cfg, head.roi, head.n_roi).numpy())
-            )
+            pp = head.post_cfg.model_copy(update={"score": score})
+            img = float(roc_auc_score(pset.labels, image_scores(out, pp, head.roi, head.n_roi).numpy()))
             m = {"image_auroc": img, **pix_cache[pkey]}
             setting = {
                 "l1": mcfg.l1, "ssim": mcfg.ssim, "channel_reduce": mcfg.channel_reduce,
