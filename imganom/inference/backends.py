@@ -267,7 +267,8 @@ class OpenVinoBackend(GraphBackend):
     """The graph compiled by OpenVINO for the CPU (``pip install 'imganom[openvino]'``), from the ONNX file.
 
     ``precision``: "auto"/"fp32" run in fp32 (OpenVINO would otherwise pick bf16 on CPUs with AMX/AVX512-BF16
-    and move maps by ~2 % of their max); "bf16"/"fp16" ask for that inference precision explicitly.
+    and move maps by ~2 % of their max); "bf16"/"fp16" ask for that inference precision explicitly, for maps
+    without an SSIM term only (magnetic_tile, L1 map, bf16: scores within 2.5 %, no verdict changed).
     The latency hint: one request uses every thread, as the Inspector sends one batch at a time.
     """
 
@@ -316,6 +317,11 @@ class OpenVinoBackend(GraphBackend):
         p = Path(path)
         if meta is None:
             meta, export_info = _onnx_meta(p)
+        if OPENVINO_PRECISIONS[precision] != "f32" and meta.cfg.map.ssim > 0:
+            raise ValueError(
+                f"precision {precision!r}: the map has an SSIM term, whose variances E[x^2] - E[x]^2 cancel "
+                "in 16-bit floats (maps off by up to 10x measured); use fp32 (the default)"
+            )
         cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = int(threads)
