@@ -181,7 +181,20 @@ def auto_backend(
         if len(names) > 1:
             be.selection.update({k: hit.get(k) for k in ("img_s", "measured", "batch")})
         return be, meta
-    opened = {n: open_backend(src, n, device=device, precision=precision, threads=threads) for n in names}
+    opened, skipped = {}, {}
+    for n in names:
+        try:
+            opened[n] = open_backend(src, n, device=device, precision=precision, threads=threads)
+        except (ValueError, ImportError) as e:  # e.g. openvino bf16 for an SSIM map: not a candidate
+            skipped[n] = str(e)
+    if not opened:
+        raise ValueError(
+            "no backend can run this model: " + "; ".join(f"{n}: {e}" for n, e in skipped.items())
+        )
+    if len(opened) == 1:
+        ((name, (be, meta)),) = opened.items()
+        be.selection = {"backend": name, "candidates": [name], "cached": False, "skipped": skipped}
+        return be, meta
     cfg = next(iter(opened.values()))[1].cfg
     c, (h, w) = cfg.preprocess.channels, cfg.preprocess.size
     x = torch.rand(AUTO_BATCH, c, max(1, h // 4), max(1, w // 4), generator=torch.Generator().manual_seed(0))
@@ -191,6 +204,8 @@ def auto_backend(
     entry = {"backend": name, "img_s": {n: round(v, 2) for n, v in ips.items()}, "batch": AUTO_BATCH,
              "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **what}  # fmt: skip
     _write_cache(key, entry)
-    be.selection = {"backend": name, "candidates": names, "cached": False,
+    be.selection = {"backend": name, "candidates": list(opened), "cached": False,
                     **{k: entry[k] for k in ("img_s", "measured", "batch")}}  # fmt: skip
+    if skipped:
+        be.selection["skipped"] = skipped
     return be, meta

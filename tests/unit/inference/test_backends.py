@@ -224,3 +224,14 @@ def test_openvino_bf16_within_its_stated_tolerance(
         assert a.score == pytest.approx(b.score, rel=0.03), a.id
         if abs(b.score - ref.image_threshold) > 0.03 * abs(ref.image_threshold):
             assert a.verdict == b.verdict, a.id
+
+
+@pytest.mark.skipif(not HAS_OV, reason="no openvino")
+def test_auto_skips_a_backend_that_refuses_the_model(tiny_model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """bf16: onnxruntime (fp32 only) is no candidate and openvino refuses the SSIM map: torch remains."""
+    monkeypatch.setenv("IMGANOM_CACHE_DIR", str(tmp_path / "cache"))
+    insp = Inspector.load(tiny_model, device="cpu", backend="auto", precision="bf16")
+    auto = insp.backend_info["auto"]
+    assert insp.backend_info["name"] == "torch" and auto["candidates"] == ["torch"]
+    assert "SSIM" in auto["skipped"]["openvino"]
