@@ -46,7 +46,7 @@ class TorchBackend:
     """
 
     kind = "torch"
-    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.autoselect)
+    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.loader)
 
     def __init__(
         self,
@@ -147,28 +147,36 @@ def onnx_providers(device: str) -> list[str]:
 class GraphBackend:
     """What the graph runtimes share: an exported (or traced) inspection graph whose map settings and
     statistics are baked in; results come back to the host (``device`` is the CPU, where post-processing
-    runs). Subclasses give ``_run`` (float32 (N, C, h, w) -> the ``outputs`` arrays). ``export_info``: the
-    file's ``imganom.export`` metadata (``scales``); ``threads``: the runtime's intra-op threads."""
+    runs). ``runtime``: the runtime's session / compiled model; subclasses give ``_load``, ``_io`` and
+    ``_run``. ``export_info``: the file's ``imganom.export`` metadata (``scales``); ``threads``: the runtime's
+    intra-op threads; ``precision``: the runtime's spelling ("f32" unless asked)."""
 
     kind = "graph"
     model = None  # no torch model
     amp: torch.dtype | None = None  # fp32 graph
-    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.autoselect)
+    selection: dict[str, Any] | None = None  # how ``backend="auto"`` chose this one (inference.loader)
 
     def __init__(
         self,
+        runtime: Any,
         cfg: Config,
-        path: Path | None,
-        export_info: dict | None,
-        inputs: list[tuple[str, list]],
-        outputs: list[str],
+        path: Path | None = None,
+        export_info: dict | None = None,
         threads: int | None = None,
+        precision: str = "f32",
     ):
-        self.cfg, self.path, self.threads = cfg, path, threads
+        self.runtime, self.cfg, self.path, self.threads, self.precision = (
+            runtime,
+            cfg,
+            path,
+            threads,
+            precision,
+        )
         self.export_info = export_info or {}
         self.device = torch.device("cpu")
         self.stats: dict[str, torch.Tensor] = {}
         self.lock = threading.Lock()
+        inputs, outputs = self._io()
         want = [cfg.preprocess.channels, *cfg.preprocess.size]
         if len(inputs) != 1 or inputs[0][0] != INPUT_NAME or list(inputs[0][1][1:]) != want:
             raise ModelFileError(
@@ -177,6 +185,49 @@ class GraphBackend:
         if not {"anomaly_map", "elbo"} <= set(outputs):
             raise ModelFileError(f"{path}: graph outputs {sorted(outputs)} lack anomaly_map/elbo")
         self._outputs = ["anomaly_map", "elbo"] + ([SCORE_MAP] if SCORE_MAP in outputs else [])
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        meta: ModelMeta | None = None,
+        export_info: dict | None = None,
+        precision: str = "auto",
+    ) -> tuple[GraphBackend, ModelMeta]:
+        """Open an exported file: (backend, the model metadata it carries; ``meta``/``export_info`` when
+        given, for a bare traced graph). ``threads``: the runtime's intra-op threads (None: its default).
+        Raises ImportError without the runtime, ValueError for a device or precision it cannot run, and
+        ModelFileError for a missing or foreign file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ModelFileError(f"ONNX file not found: {p}")
+        runtime, props = cls._load(p, device, threads, precision)
+        if meta is None:
+            d = parse_onnx_props(props, p) if props is not None else read_onnx_meta(p)
+            meta, export_info = model_meta_from_onnx(d, p), d.get("export")
+        cls._check(meta, precision)
+        return cls(runtime, meta.cfg, p, export_info, threads, OPENVINO_PRECISIONS[precision]), meta
+
+    @classmethod
+    def _load(cls, path: Path, device: str, threads: int | None, precision: str) -> tuple[Any, dict | None]:
+        """(the runtime's session for ``path``, the file's metadata props if the runtime read them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _check(cls, meta: ModelMeta, precision: str) -> None:
+        """Raise ValueError when this runtime cannot run the model at ``precision``."""
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {precision!r}: the {cls.kind} backend runs the graph in fp32")
+
+    def _io(self) -> tuple[list[tuple[str, list]], list[str]]:
+        """([(input name, shape)], output names) of the graph in ``runtime``."""
+        raise NotImplementedError
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        """float32 (N, C, h, w) -> the ``self._outputs`` arrays."""
+        raise NotImplementedError
 
     @property
     def standardize_mode(self) -> str:
@@ -194,9 +245,6 @@ class GraphBackend:
             "and export it again"
         )
 
-    def _run(self, x: np.ndarray) -> list[np.ndarray]:
-        raise NotImplementedError
-
     def maps(self, views: torch.Tensor) -> HeadOutput:
         """Views (N, C, h, w) -> smoothed maps (N, h, w), ELBO (N,) and score maps (or None), float32 CPU."""
         x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
@@ -209,54 +257,28 @@ class GraphBackend:
         )
 
 
-def _onnx_meta(p: Path, props: dict[str, str] | None = None) -> tuple[ModelMeta, dict | None]:
-    """The model metadata of an exported file (from ``props`` when the runtime gave them) and its export
-    details. Raises ModelFileError for a missing or foreign file."""
-    if not p.is_file():
-        raise ModelFileError(f"ONNX file not found: {p}")
-    d = parse_onnx_props(props, p) if props is not None else read_onnx_meta(p)
-    return model_meta_from_onnx(d, p), d.get("export")
-
-
 class OnnxBackend(GraphBackend):
     """The graph in an onnxruntime session (CPU, or CUDA with onnxruntime-gpu)."""
 
     kind = "onnxruntime"
 
-    def __init__(
-        self,
-        session: Any,
-        cfg: Config,
-        path: Path | None = None,
-        export_info: dict | None = None,
-        threads: int | None = None,
-    ):
-        ins = [(i.name, i.shape) for i in session.get_inputs()]
-        super().__init__(cfg, path, export_info, ins, [o.name for o in session.get_outputs()], threads)
-        self.session = session
+    @property
+    def session(self) -> Any:
+        """The onnxruntime ``InferenceSession``."""
+        return self.runtime
 
     @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        device: str = "auto",
-        threads: int | None = None,
-        meta: ModelMeta | None = None,
-        export_info: dict | None = None,
-    ) -> tuple[OnnxBackend, ModelMeta]:
-        """Open an exported file: (backend, the model metadata it carries; ``meta``/``export_info`` when
-        given, for a bare traced graph). ``threads``: onnxruntime's intra-op threads (None: its default).
-        Raises ModelFileError for a missing or foreign file."""
-        p = Path(path)
-        if not p.is_file():
-            raise ModelFileError(f"ONNX file not found: {p}")
-        sess = open_session(p, onnx_providers(device), threads)
-        if meta is None:
-            meta, export_info = _onnx_meta(p, dict(sess.get_modelmeta().custom_metadata_map))
-        return cls(sess, meta.cfg, p, export_info, threads), meta
+    def _load(cls, path: Path, device: str, threads: int | None, precision: str) -> tuple[Any, dict | None]:
+        sess = open_session(path, onnx_providers(device), threads)
+        return sess, dict(sess.get_modelmeta().custom_metadata_map)
+
+    def _io(self) -> tuple[list[tuple[str, list]], list[str]]:
+        return [(i.name, i.shape) for i in self.runtime.get_inputs()], [
+            o.name for o in self.runtime.get_outputs()
+        ]
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self._outputs, {INPUT_NAME: x})
+        return self.runtime.run(self._outputs, {INPUT_NAME: x})
 
 
 OPENVINO_PRECISIONS = {"auto": "f32", "fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -274,62 +296,43 @@ class OpenVinoBackend(GraphBackend):
 
     kind = "openvino"
 
-    def __init__(
-        self,
-        compiled: Any,
-        cfg: Config,
-        path: Path | None = None,
-        export_info: dict | None = None,
-        threads: int | None = None,
-        precision: str = "f32",
-    ):
-        def name(port: Any) -> str:  # a port has every name of its tensor; the graph's own is among them
-            return INPUT_NAME if INPUT_NAME in port.get_names() else port.get_any_name()
-
-        ins = [(name(i), [d.get_length() if d.is_static else -1 for d in i.get_partial_shape()])
-               for i in compiled.inputs]  # fmt: skip
-        outs = sorted({n for o in compiled.outputs for n in o.get_names()})
-        super().__init__(cfg, path, export_info, ins, outs, threads)
-        self.compiled, self.precision = compiled, precision
-        self.amp = _OV_AMP.get(precision)
-        self.request = compiled.create_infer_request()
-        self._ports = [compiled.output(n) for n in self._outputs]
+    def __init__(self, runtime: Any, cfg: Config, *args: Any, **kw: Any):
+        super().__init__(runtime, cfg, *args, **kw)
+        self.amp = _OV_AMP.get(self.precision)
+        self.request = runtime.create_infer_request()
+        self._ports = [runtime.output(n) for n in self._outputs]
 
     @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        device: str = "auto",
-        threads: int | None = None,
-        meta: ModelMeta | None = None,
-        export_info: dict | None = None,
-        precision: str = "auto",
-    ) -> tuple[OpenVinoBackend, ModelMeta]:
-        """Compile an exported file for the CPU: (backend, model metadata, as ``OnnxBackend.open``).
-        ``threads``: OpenVINO's inference threads (None: all cores). Raises ImportError without openvino,
-        ValueError for a device other than the CPU or an unknown precision, ModelFileError for a bad file."""
+    def _load(cls, path: Path, device: str, threads: int | None, precision: str) -> tuple[Any, dict | None]:
         if device not in ("auto", "cpu"):
             raise ValueError(f"device {device!r}: the openvino backend runs on the CPU ('cpu' or 'auto')")
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(OPENVINO_PRECISIONS)}, got {precision!r}")
         import openvino as ov
 
-        p = Path(path)
-        if meta is None:
-            meta, export_info = _onnx_meta(p)
+        cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            return ov.Core().compile_model(str(path), "CPU", cfg), None
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+            raise ModelFileError(f"{path}: openvino cannot compile it ({str(e)[:300]})") from None
+
+    @classmethod
+    def _check(cls, meta: ModelMeta, precision: str) -> None:
         if OPENVINO_PRECISIONS[precision] != "f32" and meta.cfg.map.ssim > 0:
             raise ValueError(
                 f"precision {precision!r}: the map has an SSIM term, whose variances E[x^2] - E[x]^2 cancel "
                 "in 16-bit floats (maps off by up to 10x measured); use fp32 (the default)"
             )
-        cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            cfg["INFERENCE_NUM_THREADS"] = int(threads)
-        try:
-            compiled = ov.Core().compile_model(str(p), "CPU", cfg)
-        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
-            raise ModelFileError(f"{p}: openvino cannot compile it ({str(e)[:300]})") from None
-        return cls(compiled, meta.cfg, p, export_info, threads, OPENVINO_PRECISIONS[precision]), meta
+
+    def _io(self) -> tuple[list[tuple[str, list]], list[str]]:
+        def name(port: Any) -> str:  # a port has every name of its tensor; the graph's own is among them
+            return INPUT_NAME if INPUT_NAME in port.get_names() else port.get_any_name()
+
+        ins = [(name(i), [d.get_length() if d.is_static else -1 for d in i.get_partial_shape()])
+               for i in self.runtime.inputs]  # fmt: skip
+        return ins, sorted({n for o in self.runtime.outputs for n in o.get_names()})
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         out = self.request.infer({INPUT_NAME: x})  # copies the outputs (share_outputs=False)

@@ -88,14 +88,11 @@ def open_backend(
         be = TorchBackend(model, meta.cfg, stats, device=device, precision=precision, compile=compile,
                           compile_mode=compile_mode)  # fmt: skip
         return be, meta
-    if name == "onnxruntime" and precision not in GRAPH_PRECISIONS:
-        raise ValueError(f"precision {precision!r}: the onnxruntime backend runs the graph in fp32")
-    kw: dict[str, Any] = {"precision": precision} if name == "openvino" else {}
     runtime = _RUNTIMES[name]
     if onnx:
-        return runtime.open(path, device, threads, **kw)
+        return runtime.open(path, device, threads, precision=precision)
     with traced_graph(path) as (graph, meta, info):
-        return runtime.open(graph, device, threads, meta=meta, export_info=info, **kw)
+        return runtime.open(graph, device, threads, meta=meta, export_info=info, precision=precision)
 
 
 def _machine() -> dict[str, Any]:
