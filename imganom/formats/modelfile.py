@@ -187,7 +187,8 @@ def _parse_meta(raw: str | None, p: Path) -> ModelMeta:
 def meta_problems(d: dict[str, Any]) -> list[str]:
     """Every problem of a decoded metadata dict, one line each (empty: valid). Checks field types, the config,
     size/channels against the config, the architecture limits (nothing is allocated) and the calibration."""
-    problems = [f"missing field {k!r}" for k in ("config", "in_channels", "size") if k not in d]
+    missing = [repr(k) for k in ("config", "in_channels", "size") if k not in d]
+    problems = [f"metadata is missing fields: {', '.join(missing)}"] if missing else []
     types = {"config": dict, "training": dict, "versions": dict, "model_id": str}
     problems += [f"{k}: must be {_TYPE_WORDS[t]}, got {_kind(d[k])}" for k, t in types.items()
                  if k in d and not isinstance(d[k], t)]  # fmt: skip
