@@ -111,7 +111,7 @@ def save_model(
     ``ModelFileError`` and nothing is written."""
     problems = calibration_problems(calibration)
     if problems:
-        raise _problems(Path(path), problems)
+        raise model_file_error(Path(path), problems)
     tensors = {
         f"vae.{k}": v.detach().cpu().contiguous().float() if v.is_floating_point() else v.detach().cpu()
         for k, v in model.state_dict().items()
@@ -151,7 +151,8 @@ def read_meta(path: str | Path) -> ModelMeta:
     return _parse_meta(raw, p)
 
 
-def _problems(p: Path, problems: list[str]) -> ModelFileError:
+def model_file_error(p: Path, problems: list[str]) -> ModelFileError:
+    """One ModelFileError for ``problems`` (one line each)."""
     if len(problems) == 1:
         return ModelFileError(f"{p}: {problems[0]}")
     return ModelFileError(f"{p}: {len(problems)} problems in the model file:\n  " + "\n  ".join(problems))
@@ -178,7 +179,7 @@ def _parse_meta(raw: str | None, p: Path) -> ModelMeta:
         )
     problems = meta_problems(d)
     if problems:
-        raise _problems(p, problems)
+        raise model_file_error(p, problems)
     meta = ModelMeta(**{k: d[k] for k in ModelMeta.__dataclass_fields__ if k in d})
     meta.size = tuple(meta.size)
     return meta

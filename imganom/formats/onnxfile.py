@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from imganom.config import Config
-from imganom.formats.modelfile import FORMAT_VERSION, ModelFileError, ModelMeta
+from imganom.formats.modelfile import (
+    FORMAT_VERSION,
+    ModelFileError,
+    ModelMeta,
+    meta_problems,
+    model_file_error,
+)
 
 ONNX_FORMAT = "imganom-onnx"
 ONNX_FORMAT_VERSION = 1
@@ -79,6 +85,11 @@ def model_meta_from_onnx(d: dict[str, Any], path: Path) -> ModelMeta:
             if thr.get(k) is not None:
                 cal[k] = thr[k]
     m = d["model"]
+    as_file = {"config": d["config"], "in_channels": m.get("in_channels"), "size": m.get("size"),
+               "calibration": cal, "training": m.get("training") or {}, "versions": m.get("versions") or {}}
+    problems = meta_problems(as_file)  # fmt: skip
+    if problems:  # the same checks as a .safetensors file: no verdict from a NaN threshold either
+        raise model_file_error(path, problems)
     meta = ModelMeta(
         config=d["config"],
         in_channels=int(m.get("in_channels", 0)),
