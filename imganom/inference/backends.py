@@ -14,6 +14,7 @@ Each holds a lock that serialises its device work, shared by every Inspector mad
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -308,13 +309,12 @@ class OpenVinoBackend(GraphBackend):
             raise ValueError(f"device {device!r}: the openvino backend runs on the CPU ('cpu' or 'auto')")
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(OPENVINO_PRECISIONS)}, got {precision!r}")
-        import openvino as ov
 
         cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            return ov.Core().compile_model(str(path), "CPU", cfg), None
+            return _openvino_core().compile_model(str(path), "CPU", cfg), None
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise ModelFileError(f"{path}: openvino cannot compile it ({str(e)[:300]})") from None
 
@@ -337,3 +337,12 @@ class OpenVinoBackend(GraphBackend):
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         out = self.request.infer({INPUT_NAME: x})  # copies the outputs (share_outputs=False)
         return [np.asarray(out[p]) for p in self._ports]
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_core() -> Any:
+    """One OpenVINO Core per process, never destroyed: a Core torn down while torch's and OpenVINO's thread
+    pools are alive crashed the process (seen as a segfault in the test suite)."""
+    import openvino as ov
+
+    return ov.Core()
