@@ -5,7 +5,8 @@ reduction, standardisation, scales, sigma, score mode; ``training.selfcheck.rank
 pseudo anomalies the trainer uses (pasted into the run's held-out normals) and on the real test split
 (masks area-resampled to model resolution, > 0.5, as ``tools/ablate_maps.py``: proxy numbers that rank
 settings). Prints the Spearman rank correlation per metric over the candidates, and the real metrics of the
-setting ``map: auto`` picks, of the model's own setting and of the real-label best.
+setting ``map: auto`` picks starting from the model's setting (``MARGIN`` rule), of the best setting on
+synthetic defects, of the model's own setting and of the real-label best.
 
     python tools/pseudo_rank.py --model runs/mt/model.safetensors --data DATA/magnetic_tile --json out.json
 """
@@ -69,23 +70,20 @@ def main(argv: list[str] | None = None) -> dict:
     normals = NormalImages(tr_paths, tr_ids, cfg, train=False).views()[selfcheck.stats_subset(len(tr_paths))]
     held = NormalImages(va_paths or tr_paths, va_ids or tr_ids, cfg, train=False).views()
     pseudo = selfcheck.PseudoSet.build(list(held.numpy()), cfg.train.seed * 10 + SEED_SELECT)
-    rows_p = selfcheck.rank_settings(model, pseudo, normals, cfg, dev)
-    rows_r = {
-        _key(r["setting"]): r
-        for r in selfcheck.rank_settings(model, real_set(a.data, cfg), normals, cfg, dev)
-    }
+    own = selfcheck.setting_of(cfg.map, cfg.postprocess.sigma, cfg.postprocess.score)
+    extra = [(cfg.map.model_copy(update={"auto": False}), cfg.postprocess.sigma)]
+    rows_p = selfcheck.rank_settings(model, pseudo, normals, cfg, dev, extra=extra)
+    real = selfcheck.rank_settings(model, real_set(a.data, cfg), normals, cfg, dev, extra=extra)
+    rows_r = {_key(r["setting"]): r for r in real}
     pairs = [(p, rows_r[_key(p["setting"])]) for p in rows_p]
     rho = {k: float(spearmanr([p[k] for p, _ in pairs], [r[k] for _, r in pairs])[0]) for k in KEYS}
-    own = {
-        "l1": cfg.map.l1, "ssim": cfg.map.ssim, "channel_reduce": cfg.map.channel_reduce,
-        "standardize": cfg.map.standardize, "scales": list(cfg.map.scales), "sigma": cfg.postprocess.sigma,
-        "score": cfg.postprocess.score,
-    }  # fmt: skip
+    own_p = next(p for p in rows_p if _key(p["setting"]) == _key(own))
+    auto = own_p if rows_p[0]["mean"] < own_p["mean"] + selfcheck.MARGIN else rows_p[0]  # as choose_map
     best_real = max(rows_r.values(), key=lambda r: r["mean"])
     picks = {
-        "map: auto (best pseudo)": (rows_p[0], rows_r[_key(rows_p[0]["setting"])]),
-        "model's own setting": (next((p for p, _ in pairs if _key(p["setting"]) == _key(own)), None),
-                                rows_r.get(_key(own))),
+        "best on synthetic defects": (rows_p[0], rows_r[_key(rows_p[0]["setting"])]),
+        "map: auto from the model's setting": (auto, rows_r[_key(auto["setting"])]),
+        "model's own setting": (own_p, rows_r[_key(own)]),
         "best on real labels": (next(p for p, _ in pairs if _key(p["setting"]) == _key(best_real["setting"])),
                                 best_real),
     }  # fmt: skip
@@ -94,14 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("| rho | " + " | ".join(f"{rho[k]:.3f}" for k in KEYS) + " |")
     print("\n| setting | which | pseudo img / pix / AUPRO | real img / pix / AUPRO |\n|---|---|---|---|")
     for name, (p, r) in picks.items():
-        if r is None:
-            print(f"| {name} | (not a candidate) | | |")
-            continue
         s = r["setting"]
         desc = (f"l1 {s['l1']} ssim {s['ssim']} {s['channel_reduce']}, std {s['standardize']}, "
                 f"scales {s['scales']}, sigma {s['sigma']}, {s['score']}")  # fmt: skip
         fmt = " / ".join
-        pv = fmt(f"{p[k]:.3f}" for k in selfcheck.METRICS) if p else ""
+        pv = fmt(f"{p[k]:.3f}" for k in selfcheck.METRICS)
         print(f"| {desc} | {name} | {pv} | {fmt(f'{r[k]:.3f}' for k in selfcheck.METRICS)} |")
     out = {"spearman": rho, "picks": {k: {"pseudo": p, "real": r} for k, (p, r) in picks.items()},
            "candidates": [{"setting": p["setting"], "pseudo": {k: p[k] for k in KEYS},

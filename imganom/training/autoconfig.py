@@ -13,7 +13,8 @@ range:
   otherwise (keeps absolute brightness, which controlled lighting makes meaningful).
 * **size**: 128 x 128, or 128 on the short side and the typical aspect ratio on the long side (a multiple of
   16, at most 256) when every image has about the same clearly non-square aspect.
-* **map and score**: ``map: auto`` (chosen after training on synthetic defects, ``training.selfcheck``).
+* **map and score**: the base preset's, with ``map: auto``: after training, replaced by the setting that
+  scores clearly better on synthetic defects, if any (``training.selfcheck.choose_map``).
 
 Thresholds were set on the synthetic families (controlled lighting: spread <= 0.10, contrast CV <= 0.18) and
 magnetic_tile (0.26, 0.33); docs/BENCHMARKS.md has the numbers.
@@ -126,16 +127,19 @@ def auto_config(data: str | Path, overrides: dict[str, Any] | None = None) -> tu
         f"size {size[0]}x{size[1]}: median image {st['median_size'][0]}x{st['median_size'][1]}, aspect "
         f"{st['aspect']:.2f} (CV {st['aspect_cv']:.2f})"
     )
-    reasons.append("map and score settings: map: auto (chosen after training on synthetic defects)")
+    reasons.append(
+        f"map and score settings: map: auto from {base}'s (replaced after training only when synthetic "
+        "defects clearly favour another setting)"
+    )
     pre: dict[str, Any] = {"size": list(size), "channels": channels, "intensity": intensity}
     if many:
         pre["channel_policy"] = "strict"
-    chosen = {"name": "auto", "preprocess": pre, "map": "auto"}
+    chosen = {"name": "auto", "preprocess": pre, "map": {"auto": True}}
     merged = {**chosen, **(overrides or {})}
     if overrides and "preprocess" in overrides:
         merged["preprocess"] = {**pre, **overrides["preprocess"]}
     cfg = load_config(base, merged)
-    info = {"base_preset": base, "chosen": {**chosen, "map": "auto"}, "statistics": st, "reasons": reasons}
+    info = {"base_preset": base, "chosen": chosen, "statistics": st, "reasons": reasons}
     for r in reasons:
         log.info("config auto: %s", r)
     return cfg, info
