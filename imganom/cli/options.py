@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,6 +169,10 @@ def with_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def run(**kw: Any) -> Any:
+        # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy 2-core machine
+        # spinning threads took the CPU the other threads needed (torch forward at 128 px 2x faster, end to
+        # end ~1.2x; docs/BENCHMARKS.md). OMP_WAIT_POLICY set by the user wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         opts = ModelOptions(**{name: kw.pop(name) for name in _MODEL_OPTIONS})
         return command(model=opts, **kw)
 
