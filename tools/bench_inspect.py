@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the inspecting commands set it (cli.options)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -109,18 +110,23 @@ class Forward:
 
 
 def end_to_end(model: Path, folder: Path, out: Path, backend: str, a: argparse.Namespace, env: dict) -> dict:
-    """``imganom inspect`` as a subprocess, every default output; img/s from its summary.json."""
+    """``imganom inspect`` as a subprocess, every default output; img/s from its summary.json. ``backend``
+    "before": the source tree ``--before`` (an older imganom, torch, its own defaults) instead of this one."""
     shutil.rmtree(out, ignore_errors=True)
-    exe = Path(sys.executable).with_name("imganom")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "imganom.cli"]
-    cmd += ["inspect", "--model", str(model), "--input", str(folder), "--out", str(out), "--device", "cpu",
-            "--batch-size", str(a.batch), "--workers", str(a.workers), "--backend", backend,
-            "--threads", str(a.threads), "--overlays", a.overlays]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "imganom.cli", "inspect", "--model", str(model), "--input", str(folder),
+           "--out", str(out), "--device", "cpu", "--batch-size", str(a.batch),
+           "--workers", str(a.workers)]  # fmt: skip
+    cwd = None
+    if backend == "before":  # run from that tree: `python -m` puts the working directory first on sys.path
+        env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # as it ran: without it
+        env, cwd = {**env, "PYTHONPATH": str(a.before)}, a.before
+    else:
+        cmd += ["--backend", backend, "--threads", str(a.threads), "--overlays", a.overlays]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if p.returncode != 0:
         raise RuntimeError(f"imganom inspect failed ({p.returncode}):\n{p.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
-    assert s["model"]["backend"]["name"] == backend, s["model"]
+    assert s["model"].get("backend", {"name": "before"})["name"] == backend, s["model"]
     return {"img_s": s["throughput_img_s"], "ng": s["counts"]["ng"], "errors": s["counts"]["error"]}
 
 
@@ -216,11 +222,19 @@ def bench_config(
     fwd = {b: Forward(insps[b], paths[:64], a.batch) for b in backends}
     f_runs: dict[str, list[tuple[float, float]]] = {b: [] for b in backends}
     e_runs: dict[str, list[dict]] = {b: [] for b in backends}
+    before: list[float] = []
     for _ in range(a.rounds):
         for b in backends:
             f_runs[b].append(fwd[b].run())
             e_runs[b].append(end_to_end(model, folder, work / f"out-{tag}-{b}", b, a, env))
             load.append(os.getloadavg()[0])
+        if a.before:
+            before.append(end_to_end(model, folder, work / f"out-{tag}-before", "before", a, env)["img_s"])
+    if before:
+        row = {"size": size, "channels": ch, "backend": "before", "e2e_img_s": statistics.median(before),
+               "e2e_runs": before}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     for b in backends:
         p50, p99 = latency(insps[b], paths, a.latency_calls)
         e_cpu = inprocess_cpu(insps[b], folder, work / f"inproc-{tag}-{b}", a)
@@ -235,6 +249,10 @@ def bench_config(
     return profile_stages(insps[backends[0]], paths[:64], a.batch) if profile else None
 
 
+def cell(row: dict, key: str, spec: str = ".1f") -> str:
+    return format(row[key], spec) if key in row else "–"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="torch,onnxruntime,openvino")
@@ -247,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--latency-calls", type=int, default=100)
     ap.add_argument("--overlays", default="ng", help="imganom inspect --overlays (ng | all | none)")
+    ap.add_argument("--before", type=Path, help="an earlier imganom source tree: its inspect as a baseline")
     ap.add_argument("--profile", action="store_true", help="per-stage CPU time (first backend, largest size)")
     ap.add_argument("--work", type=Path, default=None, help="keep data/models/outputs here (default: temp)")
     ap.add_argument("--json", type=Path, default=None)
@@ -273,18 +292,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.batch}, {a.workers} decode workers, {a.threads} threads, medians of {a.rounds} interleaved "
         f"rounds; load average (1 min) {min(load):.1f}-{max(load):.1f}\n"
     )
-    print("| size | ch | backend | forward img/s | end-to-end img/s | e2e / forward | e2e vs torch | "
-          "CPU ms/img forward | CPU ms/img e2e | CPU ratio | batch-1 p50 ms | batch-1 p99 ms |")  # fmt: skip
+    head = ["size", "ch", "backend", "forward img/s", "end-to-end img/s", "e2e / forward",
+            "e2e vs torch (vs before)", "CPU ms/img forward", "CPU ms/img e2e", "CPU ratio", "batch-1 p50 ms",
+            "batch-1 p99 ms"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ref = next((x for x in rows if x["size"] == r["size"] and x["channels"] == r["channels"]
-                    and x["backend"] == "torch"), None)  # fmt: skip
+        same = [x for x in rows if x["size"] == r["size"] and x["channels"] == r["channels"]]
+        ref = next((x for x in same if x["backend"] == "torch"), None)
+        old = next((x for x in same if x["backend"] == "before"), None)
         vs = f"{r['e2e_img_s'] / ref['e2e_img_s']:.2f}x" if ref else "–"
-        print(
-            f"| {r['size']} | {r['channels']} | {r['backend']} | {r['forward_img_s']:.1f} | "
-            f"{r['e2e_img_s']:.1f} | {r['ratio']:.2f} | {vs} | {r['forward_cpu_ms']:.1f} | "
-            f"{r['e2e_cpu_ms']:.1f} | {r['ratio_cpu']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
-        )
+        vs += f" ({r['e2e_img_s'] / old['e2e_img_s']:.2f}x)" if old else ""
+        cells = [r["size"], r["channels"], r["backend"], cell(r, "forward_img_s"), cell(r, "e2e_img_s"),
+                 cell(r, "ratio", ".2f"), vs, cell(r, "forward_cpu_ms"), cell(r, "e2e_cpu_ms"),
+                 cell(r, "ratio_cpu", ".2f"), cell(r, "p50_ms"), cell(r, "p99_ms")]  # fmt: skip
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     if prof:
         where = f"{backends[0]}, {max(a.sizes)} px, {a.channels[0]} ch"
         print(f"\nCPU ms per image, each stage sequentially ({where}):\n")
