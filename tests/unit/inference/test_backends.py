@@ -235,3 +235,36 @@ def test_auto_skips_a_backend_that_refuses_the_model(tiny_model: Path, tmp_path:
     auto = insp.backend_info["auto"]
     assert insp.backend_info["name"] == "torch" and auto["candidates"] == ["torch"]
     assert "SSIM" in auto["skipped"]["openvino"]
+
+
+def test_overlapped_runs_the_next_launch_on_a_thread_in_order() -> None:
+    """CPU overlap: launch k+1 runs on the model thread while batch k is collected here; results in order;
+    a one-item stream runs on the calling thread only; a launch error surfaces where its item is collected."""
+    import threading
+
+    from imganom.inference.pipeline import overlapped
+
+    me = threading.get_ident()
+    where: dict[int, int] = {}
+    second_started = threading.Event()
+
+    def launch(k: int) -> int:
+        where[k] = threading.get_ident()
+        if k == 1:
+            second_started.set()
+        if k == 3:
+            raise RuntimeError("launch 3 failed")
+        return k * 10
+
+    def collect(v: int) -> int:
+        if v == 0:  # item 0 is collected while item 1 is launched elsewhere
+            assert second_started.wait(5)
+        return v + 1
+
+    assert list(overlapped([7], launch, collect)) == [71] and where == {7: me}
+    where.clear()
+    out = overlapped(range(5), launch, collect)
+    assert [next(out), next(out), next(out)] == [1, 11, 21]
+    with pytest.raises(RuntimeError, match="launch 3"):
+        next(out)
+    assert where[0] == me and where[1] != me and where[1] == where[2] == where[3]  # one model thread
