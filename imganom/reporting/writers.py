@@ -197,7 +197,8 @@ def render_overlay(
     if rows.size and cols.size:  # blend inside the box around the hot pixels only (weight 0 elsewhere)
         box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         a = amap[box]
-        weight = alpha * np.clip((np.nan_to_num(a) - lo) / ramp, 0.0, 1.0)[..., None]
+        with np.errstate(over="ignore"):  # +-inf pixels: clipped to 0 or 1 below
+            weight = alpha * np.clip((np.nan_to_num(a) - lo) / ramp, 0.0, 1.0)[..., None]
         colour = colorize(a, lo, max(float(vmax), lo + 1e-6)).astype(np.float32)
         out[box] = np.rint(base[box] * (1.0 - weight) + colour * weight).astype(np.uint8)
 

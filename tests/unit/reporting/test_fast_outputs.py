@@ -47,7 +47,7 @@ def _blend_everywhere(preview: np.ndarray, amap: np.ndarray, threshold: float, v
     return np.rint(base * (1.0 - weight) + colour * weight).astype(np.uint8)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered")  # the +-inf pixels, in both formulas
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the +-inf pixels in the former formula
 @pytest.mark.parametrize("quantile", [0.3, 0.9, 0.999, 1.0])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_overlay_blend_box_equals_whole_image_blend(quantile: float, sign: float) -> None:
