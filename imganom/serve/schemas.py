@@ -79,6 +79,9 @@ class ModelInfo(BaseModel):
     format_version: int
     device: str
     precision: str
+    backend: dict[str, Any] | None = Field(
+        None, description="torch | onnxruntime | openvino, threads, precision; what --backend auto measured"
+    )
 
 
 def error_doc(*codes: int) -> dict[int | str, dict[str, Any]]:

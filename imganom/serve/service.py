@@ -328,4 +328,5 @@ class Service:
             format_version=meta.format_version,
             device=str(insp.device),
             precision=precision_label(insp.amp),
+            backend=insp.backend_info,
         )

@@ -227,6 +227,7 @@ def test_health_ready_and_model(main: str, openapi: dict, trained: dict[str, Pat
     assert info["input"] == {"size": [64, 64], "channels": 1, "resize": "stretch", "intensity": "dtype",
                              "max_pixels": 1_000_000, "max_bytes": 64 * 2**20}  # fmt: skip
     assert info["versions"]["imganom"] and info["training"]
+    assert info["backend"]["name"] == "torch" and info["backend"]["device"] == "cpu"
 
 
 def test_openapi_documents_the_endpoint(openapi: dict) -> None:
