@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from imganom.data.synth import _polyline_alpha, _walk
+from imganom.data.synth import polyline_alpha, random_walk
 
 FAMILIES = ("cutpaste", "perlin", "blob", "scratch")
 MASK_TOL = 0.02
@@ -144,8 +144,9 @@ def _scratch(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     c, h, w = img.shape
     s = min(h, w)
     start = np.array([rng.uniform(0.15 * w, 0.85 * w), rng.uniform(0.15 * h, 0.85 * h)])
-    line = _walk(rng, start, rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.6) * s, rng.uniform(0.0, 0.15))
-    alpha = _polyline_alpha(h, w, [line], int(rng.integers(1, 3)))
+    heading, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.6) * s
+    line = random_walk(rng, start, heading, length, rng.uniform(0.0, 0.15))
+    alpha = polyline_alpha(h, w, [line], int(rng.integers(1, 3)))
     level = img.mean()
     target = rng.uniform(0.0, 0.15) if level > 0.5 or rng.random() < 0.5 else rng.uniform(0.85, 1.0)
     return img * (1 - alpha[None]) + np.float32(target) * alpha[None]

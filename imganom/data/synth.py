@@ -149,7 +149,7 @@ def _center(rng: np.random.Generator, h: int, w: int, margin: float = 0.2) -> np
     return np.array([rng.uniform(margin * w, (1 - margin) * w), rng.uniform(margin * h, (1 - margin) * h)])
 
 
-def _polyline_alpha(h: int, w: int, lines: list[np.ndarray], thickness: int) -> np.ndarray:
+def polyline_alpha(h: int, w: int, lines: list[np.ndarray], thickness: int) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of polylines given as float (N, 2) x/y arrays (sub-pixel precise)."""
     canvas = np.zeros((h, w), np.uint8)
     pts = [np.round(p * 16).astype(np.int32).reshape(-1, 1, 2) for p in lines]
@@ -157,7 +157,7 @@ def _polyline_alpha(h: int, w: int, lines: list[np.ndarray], thickness: int) -> 
     return canvas.astype(np.float32) / 255
 
 
-def _walk(
+def random_walk(
     rng: np.random.Generator, start: np.ndarray, heading: float, length: float, wiggle: float
 ) -> np.ndarray:
     """Random-walk polyline: steps of ~2 px whose heading drifts by N(0, wiggle) per step."""
@@ -187,7 +187,7 @@ def _scratch(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     seg = length / k * np.stack([np.cos(ang), np.sin(ang)], 1)
     pts = np.vstack([np.zeros(2), np.cumsum(seg, 0)])
     pts += _center(rng, h, w) - pts.mean(0)
-    alpha = _polyline_alpha(h, w, [pts], int(rng.integers(1, 3)))  # AA thickness 1-2: ~1-3 px wide
+    alpha = polyline_alpha(h, w, [pts], int(rng.integers(1, 3)))  # AA thickness 1-2: ~1-3 px wide
     level = _gray_target(rng, img, pts.mean(0), max(2, s // 8))
     return img * (1 - alpha[..., None]) + np.float32(level) * alpha[..., None]
 
@@ -209,16 +209,16 @@ def _spot(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _crack(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     s = min(h, w)
-    trunk = _walk(rng, np.zeros(2), rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5) * s, 0.2)
+    trunk = random_walk(rng, np.zeros(2), rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5) * s, 0.2)
     trunk += _center(rng, h, w) - trunk.mean(0)
     lines = [trunk]
     for _ in range(int(rng.integers(1, 4))):
         i = int(rng.integers(1, len(trunk) - 1))
         d = trunk[i] - trunk[i - 1]
         heading = np.arctan2(d[1], d[0]) + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
-        lines.append(_walk(rng, trunk[i], heading, rng.uniform(0.08, 0.2) * s, 0.3))
-    trunk_alpha = _polyline_alpha(h, w, lines[:1], 2 if s >= 128 else 1)
-    alpha = np.maximum(trunk_alpha, _polyline_alpha(h, w, lines[1:], 1))
+        lines.append(random_walk(rng, trunk[i], heading, rng.uniform(0.08, 0.2) * s, 0.3))
+    trunk_alpha = polyline_alpha(h, w, lines[:1], 2 if s >= 128 else 1)
+    alpha = np.maximum(trunk_alpha, polyline_alpha(h, w, lines[1:], 1))
     level = np.float32(rng.uniform(0.02, 0.08))
     return img * (1 - alpha[..., None]) + level * alpha[..., None]
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 from imganom.config import Config
 from imganom.formats.modelfile import ModelMeta
 from imganom.formats.onnxfile import META_PREFIX, load_onnx_proto, onnx_meta_props, parse_onnx_props
+from imganom.utils.files import atomic_path
 
 
 def write_meta_props(proto: Any, meta: ModelMeta, cfg: Config, export_info: dict[str, Any]) -> None:
@@ -31,14 +30,8 @@ def save_onnx_atomic(model: Any, path: Path) -> None:
     """``onnx.save`` through a temporary file in the same folder and a rename."""
     import onnx
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def update_onnx_thresholds(

@@ -23,8 +23,6 @@ no longer fit). ROI masks and tiling/letterbox geometry are applied outside the 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from imganom.formats.modelfile import load_model, resolve_model_path
 from imganom.formats.onnxfile import INPUT_NAME, open_session, read_onnx_meta
 from imganom.formats.onnxgraph import DEFAULT_OPSET, GraphTraceError, InspectionGraph, trace_onnx
 from imganom.ops.head import AnomalyHead
+from imganom.utils.files import atomic_path
 
 __all__ = [
     "DEFAULT_OPSET", "PARITY_RTOL", "PARITY_RTOL_STANDARDIZED", "ExportError", "ExportReport",
@@ -137,11 +136,7 @@ def export_onnx(
         notes.append("map.scales is set but the model has no scale stats (uncalibrated): single scale")
     graph = InspectionGraph(model.float().cpu(), AnomalyHead(cfg, stats, backend="torch"))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         example = torch.rand(2, cfg.preprocess.channels, *cfg.preprocess.size)
         try:
             exporter = trace_onnx(graph, example, tmp, opset)
@@ -178,7 +173,4 @@ def export_onnx(
                     f"check failed: onnxruntime differs from torch by {diff:.3g} of the map max "
                     f"(tolerance {tol})"
                 )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(out, opset, exporter, time.perf_counter() - t0, out.stat().st_size, diff, notes)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from imganom.config import Config, ConfigError, config_from_dict
 from imganom.models.vae import ConvVAE
+from imganom.utils.files import atomic_path
 
 FORMAT = "imganom-model"
 FORMAT_VERSION = 1
@@ -127,16 +126,8 @@ def save_model(
         versions=library_versions(),
         model_id=_weights_id(tensors),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=MODEL_SUFFIX)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"imganom": json.dumps(asdict(meta))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"imganom": json.dumps(asdict(meta))})
     return meta
 
 

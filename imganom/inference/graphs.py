@@ -21,6 +21,7 @@ import torch
 from imganom.formats.modelfile import ModelMeta, load_model, resolve_model_path
 from imganom.formats.onnxgraph import DEFAULT_OPSET, InspectionGraph, trace_onnx
 from imganom.ops.head import AnomalyHead
+from imganom.utils.files import atomic_path
 from imganom.utils.version import __version__
 
 GRAPH_VERSION = 1  # bump when what is traced changes for the same model file
@@ -49,13 +50,8 @@ def _trace_to(path: Path, model_path: Path) -> None:
     model, meta, stats = load_model(model_path)
     graph = InspectionGraph(model.float().cpu(), AnomalyHead(meta.cfg, stats, backend="torch"))
     example = torch.rand(2, meta.cfg.preprocess.channels, *meta.cfg.preprocess.size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         trace_onnx(graph, example, tmp, DEFAULT_OPSET)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

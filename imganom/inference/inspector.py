@@ -231,7 +231,6 @@ class Inspector:
             roi = b if roi is None else (roi & b)
         return roi
 
-    _roi_for = roi_for  # the former private name (serve)
 
     def roi_tensors(self, shape: tuple[int, int]) -> tuple[np.ndarray | None, torch.Tensor | None, int]:
         """``roi_for(shape)`` as (numpy, on the device, pixel count); cached per shape and ROI."""

@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from imganom.training import selfcheck
 from imganom.training.dataset import NormalImages, fingerprint
 from imganom.training.paths import split_images, training_images  # noqa: F401 (re-exported)
 from imganom.utils.device import autocast_dtype, resolve_device
+from imganom.utils.files import atomic_path
 
 log = logging.getLogger(__name__)
 CKPT = "checkpoint.safetensors"
@@ -153,9 +153,8 @@ def _checkpoint_snapshot(model, best_state, opt, state: dict[str, Any]) -> tuple
 
 def _write_checkpoint(path: Path, snapshot: tuple[dict, dict]) -> None:
     tensors, meta = snapshot
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"imganom_ckpt": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"imganom_ckpt": json.dumps(meta)})
 
 
 def _truncate_log(log_path: Path, epochs: int) -> None:

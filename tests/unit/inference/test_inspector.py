@@ -424,7 +424,6 @@ def test_with_options_and_roi_give_new_inspectors(tiny_model: Path, layout, tmp_
     assert r_masked.anomaly_map is None or not r_masked.mask[~roi].any()
     # the ROI is resized to each map's shape and the border comes off it, scaled like the map
     assert masked.roi_for((128, 128)).shape == (128, 128) and not masked.roi_for((128, 128)).all()
-    assert np.array_equal(masked._roi_for((32, 32)), masked.roi_for((32, 32)))  # former name, same method
     # a ROI file at load time is the same ROI
     path = tmp_path / "roi.png"
     cv2.imwrite(str(path), roi.astype(np.uint8) * 255)
