@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -22,6 +23,9 @@ from imganom.cli.options import (
     with_model_options,
 )
 
+if TYPE_CHECKING:
+    from imganom.inference.inspector import Inspector
+
 
 @with_model_options
 def inspect(
@@ -38,6 +42,14 @@ def inspect(
     raw_maps: RawMapsOpt = None,
     overlays: OverlaysOpt = "ng",
     no_report: NoReportOpt = False,
+    engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data, the [ray] extra)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="--engine ray: auto | ray://HOST:PORT (default: a local Ray instance)."
+    ),
+    actors: int = typer.Option(1, "--actors", min=1, help="--engine ray: inspector actors (model copies)."),
+    gpus_per_actor: float | None = typer.Option(
+        None, "--gpus-per-actor", min=0, help="--engine ray: GPUs per actor (default: 1 if the cluster has)."
+    ),
     verbose: VerboseOpt = False,
 ) -> None:
     """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
@@ -49,6 +61,8 @@ def inspect(
 
     check_raw_maps(raw_maps)
     check_overlays(overlays)
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
     insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
@@ -64,20 +78,21 @@ def inspect(
             ips = (st.done - st.skipped) / el
             progress.update(task, total=st.total, completed=st.done, ng=st.ng, err=st.error, ips=ips)
 
+        common = {
+            "recursive": recursive,
+            "batch_size": batch_size,
+            "resume": resume,
+            "report": not no_report,
+            "options": OutputOptions(raw_maps=raw_maps, overlays=overlays),
+            "on_progress": on_progress,
+        }
         try:
-            _, summary = run_inspect(
-                insp,
-                inputs,
-                out,
-                recursive=recursive,
-                batch_size=batch_size,
-                workers=workers,
-                resume=resume,
-                options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
-                report=not no_report,
-                on_progress=on_progress,
-            )
-        except FileNotFoundError as e:
+            if engine == "ray":
+                ray_opts = (ray_address, actors, gpus_per_actor)
+                _, summary = inspect_on_ray(model, insp, inputs, out, ray_opts, common)
+            else:
+                _, summary = run_inspect(insp, inputs, out, workers=workers, **common)
+        except (FileNotFoundError, ImportError) as e:
             fail(str(e))
     c = summary["counts"]
     console.print(
@@ -90,3 +105,23 @@ def inspect(
     )
     if fail_on_ng and c["ng"]:
         raise typer.Exit(EXIT_NG)
+
+
+def inspect_on_ray(
+    model: ModelOptions,
+    insp: Inspector,
+    inputs: list[Path],
+    out: Path,
+    ray_opts: tuple[str | None, int, float | None],
+    common: dict,
+) -> tuple[list[dict], dict]:
+    """``--engine ray``: every actor loads the model with the command's model options; ``ray_opts``:
+    (``--ray-address``, ``--actors``, ``--gpus-per-actor``)."""
+    from dataclasses import asdict
+
+    from imganom.workflows.ray_engine import RayOptions, run_inspect_ray
+
+    load_kw = asdict(model)
+    path = load_kw.pop("model")
+    engine = RayOptions(*ray_opts)
+    return run_inspect_ray(insp, path, load_kw, inputs, out, engine=engine, **common)

@@ -289,9 +289,25 @@ def run_inspect(
                     pending.append((it, r, b["error"], fut))
                 drain(block=len(pending) > 4 * batch_size)
             drain(block=True)
-        rows = writer.finalize(order)
-    st.seconds = time.perf_counter() - t0
-    summary = build_summary(insp, rows, st, started)
+        return finish_run(insp, out, writer, order, st, (started, t0), report=report)
+
+
+def finish_run(
+    insp: Inspector,
+    out: Path,
+    writer: ResultsWriter,
+    order: list[str],
+    st: InspectStats,
+    began: tuple[dt.datetime, float],
+    *,
+    report: bool,
+    extra: dict | None = None,
+) -> tuple[list[dict], dict]:
+    """Rows in input order (``writer.finalize``), then summary.json (``extra`` keys added) and report.html.
+    ``began``: the run's start (UTC time, ``perf_counter``). Shared by the local and the Ray engine."""
+    rows = writer.finalize(order)
+    st.seconds = time.perf_counter() - began[1]
+    summary = build_summary(insp, rows, st, began[0]) | (extra or {})
     write_json_atomic(out / "summary.json", summary)
     if report:
         from imganom.reporting.html import write_report
