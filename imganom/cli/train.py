@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,10 +38,17 @@ def train(
     calibrate_after: bool = typer.Option(
         True, "--calibrate/--no-calibrate", help="Calibrate thresholds on the held-out normal split."
     ),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Train data-parallel in N processes on this machine (runs torchrun, DDP)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
     setup(verbose)
+    from imganom.training.distributed import is_primary, torchrun_command, world_notes
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun already: this is one of its ranks
+        raise typer.Exit(subprocess.run(torchrun_command(sys.argv[1:], nproc)).returncode)
     from imganom.config import ConfigError
     from imganom.training.autoconfig import resolve_config
 
@@ -58,11 +67,13 @@ def train(
     try:
         from imganom.cli.progress import train_progress
 
-        with train_progress(sys.stderr.isatty()) as on_progress:
-            notes = {"auto_config": auto} if auto else None
+        with train_progress(sys.stderr.isatty() and is_primary()) as on_progress:
+            notes = ({"auto_config": auto} if auto else {}) | world_notes()
             res = run_train(cfg, data, out, resume=resume, device=device, progress=on_progress, notes=notes)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if not is_primary():
+        return  # torchrun rank > 0: rank 0 reports, calibrates and prints the model path
     console.print(res.summary)
     if res.interrupted:
         console.print(f"interrupted: resume with  imganom train --data {data} --out {out} --resume")

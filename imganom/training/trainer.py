@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from imganom.models.losses import kl_weight, vae_loss
 from imganom.models.vae import ConvVAE
 from imganom.training import selfcheck
 from imganom.training.dataset import NormalImages, fingerprint
+from imganom.training.distributed import context as dist_context
 from imganom.training.paths import split_images, training_images  # noqa: F401 (re-exported)
 from imganom.utils.device import autocast_dtype, resolve_device
 from imganom.utils.files import atomic_path
@@ -292,10 +294,11 @@ def train(
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
+    dctx = dist_context(device)  # one process: no torch.distributed at all (training.distributed)
+    dev = dctx.device(resolve_device(device))
     amp = autocast_dtype(cfg.train.precision, dev, training=True)
     torch.manual_seed(cfg.train.seed)
-    on_progress = progress if callable(progress) else None
+    on_progress = progress if callable(progress) and dctx.primary else None
 
     (tr_paths, tr_ids), (va_paths, va_ids) = split_images(cfg, data)
     train_set = NormalImages(tr_paths, tr_ids, cfg, train=True)
@@ -309,7 +312,8 @@ def train(
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    fwd = torch.compile(model) if cfg.train.compile else model
+    net = dctx.wrap(model, dev)
+    fwd = torch.compile(net) if cfg.train.compile else net
 
     def select_set() -> selfcheck.PseudoSet:  # built once, on first use
         nonlocal pset_select
@@ -339,7 +343,9 @@ def train(
             raise ValueError(f"--resume: config differs from the checkpoint's in {ckpt}; use the same config")
         state.update(loaded)
     log_path = run_dir / "log.csv"
-    if not resume or not log_path.exists():
+    if not dctx.primary:
+        pass  # rank 0 alone writes the log, checkpoints and the model file
+    elif not resume or not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_COLUMNS)
     else:
@@ -348,8 +354,8 @@ def train(
     snapshot = _checkpoint_snapshot(model, best_state, opt, state)
 
     g = torch.Generator().manual_seed(cfg.train.seed)
-    bs = min(cfg.train.batch_size, len(train_set))
-    n_batches = math.ceil(len(train_set) / bs)
+    bs = dctx.local_batch(min(cfg.train.batch_size, len(train_set)))
+    n_batches = math.ceil(dctx.local_count(len(train_set)) / bs)
     total_steps = n_batches * cfg.train.epochs
     val_loader = (
         DataLoader(val_set, batch_size=bs, shuffle=False, num_workers=cfg.train.workers) if val_set else None
@@ -365,8 +371,7 @@ def train(
             loader = DataLoader(
                 train_set,
                 batch_size=bs,
-                shuffle=True,
-                generator=g,
+                **dctx.shuffling(train_set, g, cfg.train.seed, epoch),
                 drop_last=False,
                 num_workers=cfg.train.workers,
                 persistent_workers=False,
@@ -385,6 +390,7 @@ def train(
                 state["step"],
                 on_progress,
             )
+            tr, n = dctx.mean(tr, n)
             secs = time.perf_counter() - te
             va = evaluate_loss(fwd, val_loader, cfg, dev, amp) if val_loader else tr
             state["epoch"] = epoch + 1
@@ -393,7 +399,7 @@ def train(
                 state.update(best_val=value, best_epoch=epoch)
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             pcols = [pm[k] for k in selfcheck.METRICS] if pm else ["", "", ""]
-            with open(log_path, "a", newline="") as f:
+            with open(log_path if dctx.primary else os.devnull, "a", newline="") as f:
                 csv.writer(f).writerow(
                     [
                         epoch + 1,
@@ -422,17 +428,24 @@ def train(
             since = state["epoch"] - (state["best_epoch"] + 1)
             if cfg.train.patience and state["best_epoch"] >= 0 and since >= cfg.train.patience:
                 stopped_early = done = True
+            done = dctx.agree(done)
             snapshot = _checkpoint_snapshot(model, best_state, opt, state)
-            if done or state["epoch"] % cfg.train.checkpoint_every == 0:
+            if dctx.primary and (done or state["epoch"] % cfg.train.checkpoint_every == 0):
                 _write_checkpoint(ckpt, snapshot)
             if done:
                 break
     except KeyboardInterrupt:
         interrupted = True
-        _write_checkpoint(ckpt, snapshot)  # the last completed epoch, not the partial one
+        if dctx.primary:
+            _write_checkpoint(ckpt, snapshot)  # the last completed epoch, not the partial one
         state.update({k: v for k, v in snapshot[1].items() if k != "param_groups"})
         best_state = {k[5:]: v for k, v in snapshot[0].items() if k.startswith("best.")}
         log.warning("interrupted: resumable checkpoint saved to %s (epoch %d)", ckpt, state["epoch"])
+    if not dctx.primary:  # rank 0 alone selects the epoch, checks the model and writes it
+        secs = time.perf_counter() - t0
+        model_path = run_dir / "model.safetensors"
+        return TrainResult(run_dir, model_path, state["epoch"], state["best_val"], stopped_early, interrupted,
+                           secs, va_paths, tr_paths)  # fmt: skip
 
     if state["best_epoch"] >= 0:
         model.load_state_dict(best_state)
