@@ -1,11 +1,10 @@
-"""Data-parallel training with torchrun on the CPU (gloo, 2 processes): the loss goes down, rank 0 alone writes,
-the model file loads, inspects and scores like a single-process run with the same global batch; a run
+"""Data-parallel training with torchrun on the CPU (gloo, 2 processes): the loss goes down, rank 0 alone
+writes, the model file loads, inspects and scores like a single-process run with the same global batch; a run
 interrupted in one process resumes in two."""
 
 from __future__ import annotations
 
 import csv
-import json
 import signal
 import subprocess
 import sys
@@ -25,8 +24,9 @@ from imganom.training.trainer import train
 
 EPOCHS, BATCH = 6, 8
 # Two processes see other samples in other batches (DistributedSampler) and other reparameterisation noise
-# than one: scores agree in distribution, not bit for bit. Measured on this machine: mean |relative
-X
+# than one: scores agree in distribution, not bit for bit. Measured on this machine (6 epochs, global batch
+# 8): mean |relative difference| of the 9 test images' scores 0.017, max 0.075; the bound on the mean leaves
+# room for other machines' float order.
 SCORE_RTOL = 0.15
 
 
@@ -68,8 +68,8 @@ def test_torchrun_two_processes(data: Path, tmp_path: Path) -> None:
     assert meta.training["distributed"] == {"world_size": 2, "backend": "ddp"}
     assert meta.calibration and meta.calibration["image_threshold"] > 0
 
-    ref = train(load_config("tiny", {"train": {"epochs": EPOCHS, "batch_size": BATCH}}), data, tmp_path / "one",
-                device="cpu", progress=False)  # fmt: skip
+    cfg = load_config("tiny", {"train": {"epochs": EPOCHS, "batch_size": BATCH}})
+    ref = train(cfg, data, tmp_path / "one", device="cpu", progress=False)
     assert "distributed" not in read_meta(ref.model_path).training
     two, one = _scores(run / "model.safetensors", data), _scores(ref.model_path, data)
     assert np.all(np.isfinite(two)) and len(two) == 9
@@ -88,7 +88,8 @@ def test_resume_in_another_world_size(data: Path, tmp_path: Path) -> None:
     one = subprocess.Popen([sys.executable, "-m", "imganom", "train", *args], env=cli_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (run / "checkpoint.safetensors").exists() and one.poll() is None and time.monotonic() < deadline:
+    while not (run / "checkpoint.safetensors").exists() and one.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.05)
     one.send_signal(signal.SIGINT)
     _, err = one.communicate(timeout=120)
@@ -103,4 +104,4 @@ def test_resume_in_another_world_size(data: Path, tmp_path: Path) -> None:
     meta = read_meta(run / "model.safetensors")
     assert meta.training["epochs"] == 12 and meta.training["distributed"]["world_size"] == 2
     assert np.all(np.isfinite(_scores(run / "model.safetensors", data)))
-    assert json.loads(json.dumps(meta.training["selection"]))["epoch"] >= 2
+    assert meta.training["selection"]["epoch"] >= 2  # kept after the KL warm-up
