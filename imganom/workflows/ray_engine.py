@@ -9,9 +9,11 @@ back to the driver, which appends them to ``results.jsonl`` as they come (so ``-
 engines), drops an id it already has (a batch Ray re-ran after its actor died), and ends with the local
 engine's ``finish_run`` (results.csv, summary.json, report.html) plus ``results.parquet`` written by Ray.
 
-Actors that die (killed, out of memory) are restarted by Ray and their batches retried
-(``max_restarts=-1``, ``max_task_retries``): a retried batch rewrites its outputs atomically under the same
-names, and its rows reach the driver once.
+Actors that die (killed, out of memory) are restarted by Ray and their batches retried: Ray Data gives its
+actor pools ``max_restarts=-1`` and ``max_task_retries=-1`` by default (passing them ourselves is deprecated
+since Ray 2.60). A retried batch rewrites its outputs atomically under the same names, and its rows reach
+the driver once. The flip side: an input that kills every actor that touches it (an image that runs the
+node out of memory) is retried until someone stops the run; ``--resume`` then continues without it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from imganom.workflows.inspect import (
 log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'imganom[ray]'"
 CRASH_ONCE_ENV = "IMGANOM_RAY_CRASH_ONCE"  # test hook: a marker path; the first actor to claim it dies
-TASK_RETRIES = 3  # a batch that kills its actor this often fails the run (rows so far stay: --resume)
 FLOAT_COLUMNS = ("score", "norm_score", "image_threshold", "pixel_threshold", "time_ms")
 INT_COLUMNS = ("n_regions", "max_region_area")
 
@@ -68,8 +69,8 @@ def import_ray() -> Any:
 class RayOptions:
     """Where and how wide to run. ``address``: None starts a local Ray instance for the run (or uses the one
     this process already joined), ``auto`` joins the cluster on this machine, ``ray://HOST:PORT`` a remote
-    one. ``gpus_per_actor``: None = 1 when the cluster has GPUs, else 0 (CPU actors). ``remote_args``: extra
-    Ray actor options (e.g. ``runtime_env``, custom ``resources``)."""
+    one. ``gpus_per_actor``: None = 1 when the cluster has GPUs, else 0 (CPU actors). ``remote_args``: more
+    keywords for ``map_batches`` (e.g. ``runtime_env``, ``resources``, ``memory``)."""
 
     address: str | None = None
     actors: int = 1
@@ -232,8 +233,6 @@ def run_inspect_ray(
                 compute=ray.data.ActorPoolStrategy(size=engine.actors),
                 num_cpus=1,
                 num_gpus=gpus,
-                max_restarts=-1,
-                max_task_retries=TASK_RETRIES,
                 **engine.remote_args,
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
