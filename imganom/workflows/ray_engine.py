@@ -183,6 +183,24 @@ def _dataset(ray: Any, todo: Sequence[Item], batch_size: int, actors: int) -> An
     return ray.data.from_items(records, override_num_blocks=blocks)
 
 
+def _actor_rows(
+    ray: Any, todo: Sequence[Item], actor_kw: dict[str, Any], batch_size: int, engine: RayOptions, gpus: float
+) -> Iterator[dict]:
+    """The rows of ``todo`` as the actor pool returns them (all of a retried batch's may come again)."""
+    ds = _dataset(ray, todo, batch_size, engine.actors).map_batches(
+        InspectActor,
+        fn_constructor_kwargs=actor_kw,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=engine.actors),
+        num_cpus=1,
+        num_gpus=gpus,
+        **engine.remote_args,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        yield from (json.loads(line) for line in batch["row"])
+
+
 def run_inspect_ray(
     insp: Inspector,
     model: str | Path,
@@ -219,31 +237,15 @@ def run_inspect_ray(
         if on_progress is not None:  # the caller draws its own progress (with img/s): Ray's stays quiet
             ctx.enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-        if todo:
-            ds = _dataset(ray, todo, batch_size, engine.actors).map_batches(
-                InspectActor,
-                fn_constructor_kwargs={
-                    "model": str(model),
-                    "load_kw": kw,
-                    "out": str(out.resolve()),
-                    "options": options or OutputOptions(),
-                },
-                batch_size=batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=engine.actors),
-                num_cpus=1,
-                num_gpus=gpus,
-                **engine.remote_args,
-            )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for line in batch["row"]:
-                    row = json.loads(line)
-                    if row["id"] in writer.done_ids:  # a batch Ray re-ran: its rows are in already
-                        continue
-                    writer.write(row)
-                    _count(st, row)
-                    if on_progress:
-                        on_progress(st)
+        actor_kw = {"model": str(model), "load_kw": kw, "out": str(out.resolve()),
+                    "options": options or OutputOptions()}  # fmt: skip
+        for row in _actor_rows(ray, todo, actor_kw, batch_size, engine, gpus) if todo else ():
+            if row["id"] in writer.done_ids:  # a batch Ray re-ran: its rows are in already
+                continue
+            writer.write(row)
+            _count(st, row)
+            if on_progress:
+                on_progress(st)
         extra = {"engine": {"name": "ray", "address": engine.address, "actors": engine.actors,
                             "gpus_per_actor": gpus, "actor_device": kw["device"]}}  # fmt: skip
         rows, summary = finish_run(insp, out, writer, [it.id for it in items], st, began, report=report,
