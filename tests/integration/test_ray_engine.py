@@ -117,8 +117,8 @@ def test_actor_crash_loses_and_duplicates_nothing(cluster, insp, tiny_model, fol
     marker = tmp_path / "crashed"
     env = {"runtime_env": {"env_vars": {ray_engine.CRASH_ONCE_ENV: str(marker)}}}
     out = tmp_path / "out"
-    rows, summary = _ray(insp, tiny_model, folder, out, remote_args=env)
-    assert marker.exists()  # one actor did die after writing its batch's outputs, before returning rows
+    rows, summary = _ray(insp, tiny_model, folder, out, actors=1, remote_args=env)
+    assert marker.exists()  # the actor did die after writing its batch's outputs, before returning rows
     ref_out, ref = local
     _same_rows(rows, ref, out, ref_out)
     ids = [r["id"] for r in _jsonl(out)]
