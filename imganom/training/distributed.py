@@ -120,6 +120,11 @@ def context(device: str = "auto") -> DistContext:
     ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        if cuda and ctx.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"torchrun started more processes on this node than its {torch.cuda.device_count()} GPUs: "
+                "use --nproc-per-node (or --nproc) <= the GPU count, or --device cpu"
+            )
         if cuda:
             torch.cuda.set_device(ctx.local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
