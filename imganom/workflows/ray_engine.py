@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -127,6 +129,22 @@ class InspectActor:
 
 
 @contextmanager
+def keep_signal_handlers() -> Iterator[None]:
+    """Put this process's SIGTERM/SIGINT handlers back on exit: ``ray.init`` installs its own in the driver
+    and ``ray.shutdown`` leaves them there (a caller's graceful-stop handler would be gone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+@contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
     """The ``ray`` module, connected: to ``address``, or to a local instance started (and shut down) here;
     a process that already called ``ray.init`` keeps its connection."""
@@ -134,11 +152,12 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with keep_signal_handlers():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _count(st: InspectStats, row: dict) -> None:

@@ -28,12 +28,14 @@ BAD = {"empty.png", "notes.png"}
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    """A local Ray instance on this machine (2 CPUs) for the whole module; yields its address."""
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
+    """A local Ray instance on this machine (2 CPUs) for the whole module; yields its address. The signal
+    handlers ray.init installs are removed afterwards (later tests check this process's own)."""
+    with ray_engine.keep_signal_handlers():
+        ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield ctx.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,18 @@ def test_cli_engine_ray_joins_the_cluster(cluster: str, tiny_model, folder, loca
     assert f"{len(ref)} images:" in p.stderr and "2 errors" in p.stderr
     bad = subprocess.run(cmd[:-1] + ["--engine", "spark"], capture_output=True, text=True, env=cli_env())
     assert bad.returncode == 2 and "--engine must be local or ray" in bad.stderr
+
+
+def test_keep_signal_handlers_puts_ours_back() -> None:
+    import signal
+
+    def ours(*_: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with ray_engine.keep_signal_handlers():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as ray.init does with its own handler
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
