@@ -38,6 +38,18 @@ def inspect(
     raw_maps: RawMapsOpt = None,
     overlays: OverlaysOpt = "ng",
     no_report: NoReportOpt = False,
+    volumes: bool = typer.Option(
+        False, "--volumes", help="NIfTI files and DICOM series are volumes: per-volume rows, NIfTI "
+        "masks/maps on the input's grid, DICOM SEG for DICOM (implied by --axis, --channels, --sequences, "
+        "--per-slice).",
+    ),
+    axis: int | None = typer.Option(None, "--axis", min=0, max=2, help="Volumes: slice along this stored "
+                                    "array axis (default 2; never reoriented)."),
+    channels: bool = typer.Option(False, "--channels", help="Volumes: the --input files are one subject's "
+                                  "sequences (e.g. T1, T2, FLAIR), stacked as channels in that order."),
+    sequences: str | None = typer.Option(None, "--sequences", help="Volumes: stack <subject>_<seq>.nii.gz "
+                                         "files of the input folders per subject, e.g. t1,t2,flair."),
+    per_slice: bool = typer.Option(False, "--per-slice", help="Volumes: also one row per slice."),
     verbose: VerboseOpt = False,
 ) -> None:
     """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
@@ -65,18 +77,29 @@ def inspect(
             progress.update(task, total=st.total, completed=st.done, ng=st.ng, err=st.error, ips=ips)
 
         try:
-            _, summary = run_inspect(
-                insp,
-                inputs,
-                out,
-                recursive=recursive,
-                batch_size=batch_size,
-                workers=workers,
-                resume=resume,
-                options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
-                report=not no_report,
-                on_progress=on_progress,
-            )
+            if volumes or axis is not None or channels or sequences or per_slice:
+                from imganom.workflows.volumes import VolumeOptions, run_volumes
+
+                _, summary = run_volumes(
+                    insp, [] if channels else inputs, out, recursive=recursive, batch_size=batch_size,
+                    resume=resume, report=not no_report, on_progress=on_progress,
+                    options=VolumeOptions(axis=2 if axis is None else axis, per_slice=per_slice),
+                    channels=[inputs] if channels else (),
+                    sequences=[s.strip() for s in sequences.split(",") if s.strip()] if sequences else None,
+                )  # fmt: skip
+            else:
+                _, summary = run_inspect(
+                    insp,
+                    inputs,
+                    out,
+                    recursive=recursive,
+                    batch_size=batch_size,
+                    workers=workers,
+                    resume=resume,
+                    options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
+                    report=not no_report,
+                    on_progress=on_progress,
+                )
         except FileNotFoundError as e:
             fail(str(e))
     c = summary["counts"]
