@@ -183,8 +183,14 @@ def write_volume_outputs(out: Path, vol: Volume, vr: VolumeResult, options: Volu
             written[kind] = rel
     if options.seg and vol.fmt == "dicom":
         rel = f"volumes/{stem}/seg.dcm"
-        write_dicom_seg(out / rel, vr.mask, vol)
-        written["seg"] = rel
+        try:
+            write_dicom_seg(out / rel, vr.mask, vol)
+            written["seg"] = rel
+        except ImportError:
+            written["seg_error"] = "DICOM SEG needs highdicom: pip install 'imganom[medical]'"
+        except Exception as e:  # noqa: BLE001 - the NIfTI outputs and the row stay valid
+            log.error("DICOM SEG of %s failed: %s", vol.id, e)
+            written["seg_error"] = f"DICOM SEG not written: {type(e).__name__}: {e}"
     return written
 
 
