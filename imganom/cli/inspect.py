@@ -102,9 +102,9 @@ def inspect(
                 )
         except FileNotFoundError as e:
             fail(str(e))
-    c = summary["counts"]
+    c, what = summary["counts"], "volumes" if "volumes" in summary else "images"
     console.print(
-        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        f"{c['total']} {what}: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
         + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
         + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
     )

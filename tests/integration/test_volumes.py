@@ -193,3 +193,18 @@ def test_evaluate_layout_mask_off_grid_and_missing_mask(phantom_run, insp, tmp_p
     assert m["errors"][0]["id"] == "abnormal/case004.nii.gz" and "not on the grid" in m["errors"][0]["error"]
     assert m["counts"]["abnormal"] == 1 and m["volume"]["n_images"] == 5
     assert m["slice"]["n_images"] == 4 * SHAPE[2]  # the maskless volume counts at volume level only
+
+
+def test_volume_slices_score_exactly_as_the_2d_slice_path(phantom_run, insp, tmp_path: Path) -> None:
+    """--volumes --per-slice rows of a NIfTI equal plain inspect's rows of its slices (same ids, same scores,
+    same regions): the volume path changes the bookkeeping, not the inspection."""
+    from imganom.workflows.inspect import run_inspect
+    from imganom.workflows.volumes import VolumeOptions, run_volumes
+
+    src = phantom_run["data"] / "abnormal" / "case005.nii.gz"
+    plain, _ = run_inspect(insp, [src], tmp_path / "a", workers=0, report=False)
+    rows, _ = run_volumes(insp, [src], tmp_path / "b", options=VolumeOptions(per_slice=True), report=False)
+    slices = [r for r in rows if r["kind"] == "slice"]
+    assert [r["id"] for r in slices] == [r["id"] for r in plain]
+    assert [r["score"] for r in slices] == [r["score"] for r in plain]
+    assert [r["regions"] for r in slices] == [r["regions"] for r in plain]
