@@ -15,6 +15,7 @@ multi-sequence input must share shape and affine (within ``AFFINE_TOL`` mm); the
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,9 +365,30 @@ def group_dicom_series(paths: Sequence[Path]) -> tuple[dict[str, list[Path]], di
     return groups, bad
 
 
+def find_dicom_without_extension(folder: Path, recursive: bool = True) -> list[Path]:
+    """Files under ``folder`` with no extension that carry the DICOM signature (``DICM`` at byte 128), as
+    PACS exports name them (``IM000001``); hidden entries and DICOMDIR are skipped, links are not followed."""
+    out = []
+    for base, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            p = Path(base) / name
+            if name.startswith(".") or "." in name or name.upper() == "DICOMDIR" or not p.is_file():
+                continue
+            try:
+                with open(p, "rb") as fh:
+                    head = fh.read(132)
+            except OSError:
+                continue
+            if head[128:132] == b"DICM":
+                out.append(p)
+    return out
+
+
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def is_dicom(path: Path) -> bool:
-    return path.name.lower().endswith(DICOM_SUFFIXES)
+    """A DICOM file by name: ``.dcm``/``.dicom``, or no extension (``find_dicom_without_extension``)."""
+    return path.name.lower().endswith(DICOM_SUFFIXES) or "." not in path.name

@@ -38,7 +38,15 @@ from typing import Any
 import numpy as np
 
 from imganom.data.readers import ImageReadError
-from imganom.data.volumes import Volume, geometry_mismatch, is_dicom, is_nifti, read_dicom_volume, read_nifti
+from imganom.data.volumes import (
+    DICOM_SUFFIXES,
+    Volume,
+    find_dicom_without_extension,
+    geometry_mismatch,
+    is_nifti,
+    read_dicom_volume,
+    read_nifti,
+)
 from imganom.evaluation.evaluate import FPR_LIMIT, describe_model, histogram_range
 from imganom.inference.inspector import Inspector
 from imganom.inference.volume import inspect_volume
@@ -82,7 +90,7 @@ def _entries(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and is_nifti(p) or p.is_dir() and any(is_dicom(q) for q in p.iterdir()):
+        if p.is_file() and is_nifti(p) or p.is_dir() and _series_files(p):
             out.append(p)
     return out
 
@@ -106,9 +114,15 @@ def scan_volume_layout(root: str | Path) -> VolumeLayout:
     return layout
 
 
+def _series_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in a series folder (``.dcm``/``.dicom``, or no extension and a signature)."""
+    named = [q for q in sorted(folder.iterdir()) if q.is_file() and q.name.lower().endswith(DICOM_SUFFIXES)]
+    return named + find_dicom_without_extension(folder, recursive=False)
+
+
 def _load(case: VolumeCase) -> Volume:
     if case.path.is_dir():
-        return read_dicom_volume(sorted(q for q in case.path.iterdir() if is_dicom(q)), case.id)
+        return read_dicom_volume(_series_files(case.path), case.id)
     return read_nifti(case.path, case.id)
 
 

@@ -2,10 +2,11 @@
 volume out, on the input's own grid (no reorientation, no resampling).
 
 Inputs (``list_volumes``): every ``.nii``/``.nii.gz`` is a volume (3-D, or 4-D with the sequences as
-channels); ``.dcm`` files are grouped by SeriesInstanceUID into series (a multi-frame file is a volume by
-itself); ``--channels a.nii.gz,b.nii.gz`` stacks one subject's sequences; ``--sequences t1,t2,flair`` stacks
-``<subject>_t1.nii.gz`` ... (or ``<subject>/t1.nii.gz`` ...) found in the input folders. Anything else, and
-any volume that cannot be read or inspected, gets an error row: every input has a row.
+channels); ``.dcm`` files, and files without an extension that carry the DICOM signature, are grouped by
+SeriesInstanceUID into series (a multi-frame file is a volume by itself); ``--channels`` stacks one
+subject's sequences; ``--sequences t1,t2,flair`` stacks ``<subject>_t1.nii.gz`` ... (or
+``<subject>/t1.nii.gz`` ...) found in the input folders. Anything else, and any volume that cannot be read
+or inspected, gets an error row: every input has a row.
 
 Per volume (``volume_row``): verdict, score (the highest slice score) and its slice, the 3-D lesions (mm^3,
 voxel and patient bounding boxes, peak score) and the geometry; files under ``volumes/<stem>/``:
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imganom.data.discovery import expand_inputs
+from imganom.data.discovery import expand_inputs, relative_id
 from imganom.data.names import printable
 from imganom.data.readers import ImageReadError
 from imganom.data.volumes import (
     Volume,
     check_axis,
+    find_dicom_without_extension,
     group_dicom_series,
     is_dicom,
     is_nifti,
@@ -133,6 +135,13 @@ def list_volumes(
     """The volumes of the inputs (see the module docstring), in input order; ``channels``: one list of
     sequence files per subject."""
     pairs = expand_inputs(inputs, recursive=recursive) if inputs else []
+    for item in inputs:  # DICOM files without an extension (PACS exports), which 2-D discovery does not list
+        folder = Path(item)
+        if folder.is_dir():
+            prefix = printable(folder.resolve().name or "root") if len(inputs) > 1 else ""
+            for p in find_dicom_without_extension(folder, recursive):
+                rel = relative_id(p, folder)
+                pairs.append((p, f"{prefix}/{rel}" if prefix else rel))
     out: list[VolumeSource] = []
     for group in channels:
         paths = [Path(p) for p in group]

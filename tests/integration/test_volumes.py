@@ -208,3 +208,17 @@ def test_volume_slices_score_exactly_as_the_2d_slice_path(phantom_run, insp, tmp
     assert [r["id"] for r in slices] == [r["id"] for r in plain]
     assert [r["score"] for r in slices] == [r["score"] for r in plain]
     assert [r["regions"] for r in slices] == [r["regions"] for r in plain]
+
+
+def test_dicom_files_without_extension_form_a_series(phantom_run, insp, tmp_path: Path) -> None:
+    from imganom.workflows.volumes import list_volumes, run_volumes
+
+    ph = head_phantom(SHAPE, (1.0, 1.0, 3.0), seed=5)
+    for p in write_dicom_series(tmp_path / "export" / "study" / "series", ph.images["flair"], ph.affine):
+        p.rename(p.with_suffix(""))  # IM0001 ... as PACS exports name them
+    (tmp_path / "export" / "study" / "series" / "NOTES").write_text("not DICOM")
+    sources = list_volumes([tmp_path / "export"])
+    assert [(s.id, s.kind, len(s.paths)) for s in sources] == [("study/series", "dicom", SHAPE[2])]
+    rows, _ = run_volumes(insp, [tmp_path / "export"], tmp_path / "out", report=False)
+    assert rows[0]["status"] == "ok" and rows[0]["geometry"]["shape"] == list(SHAPE)
+    assert (tmp_path / "out" / rows[0]["outputs"]["seg"]).is_file()
