@@ -30,12 +30,18 @@ def evaluate(
     worst: int = typer.Option(8, "--worst", min=0, help="Worst false positives/negatives to show."),
     workers: WorkersOpt = 2,
     no_report: NoReportOpt = False,
+    axis: int = typer.Option(2, "--axis", min=0, max=2, help="Volume layout: slice along this stored axis."),
     verbose: VerboseOpt = False,
 ) -> None:
-    """Evaluate a model on a labelled test set: image/pixel AUROC, AUPRO, F1, per-type table, report."""
+    """Evaluate a model on a labelled test set: image/pixel AUROC, AUPRO, F1, per-type table, report.
+    A volume layout (DATA/normal, DATA/abnormal, DATA/masks) gets slice/voxel/lesion/volume metrics."""
     setup(verbose)
     from imganom.data.discovery import scan_mvtec
     from imganom.evaluation.evaluate import evaluate as run_evaluate
+    from imganom.evaluation.volumes import is_volume_layout
+
+    if is_volume_layout(data):
+        return evaluate_volumes(model, data, out, batch_size, axis)
 
     try:
         layout = scan_mvtec(data)
@@ -66,3 +72,34 @@ def evaluate(
     console.print(
         f"metrics: {out / 'metrics.json'}" + ("" if no_report else f"\nreport:  {out / 'report.html'}")
     )
+
+
+def evaluate_volumes(model: ModelOptions, data: Path, out: Path, batch_size: int, axis: int) -> None:
+    """``imganom evaluate`` on a volume layout (``evaluation.volumes``): metrics.json and scores.csv."""
+    from imganom.evaluation.volumes import evaluate_volumes as run
+    from imganom.evaluation.volumes import scan_volume_layout
+
+    try:
+        layout = scan_volume_layout(data)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    insp = model.load()
+    with progress_bar("evaluate") as progress:
+        task = progress.add_task("evaluate", total=len(layout.cases))
+        try:
+            m = run(insp, layout, out, axis=axis, batch_size=batch_size,
+                    threshold_source=model.threshold_source,
+                    on_progress=lambda done, _: progress.update(task, completed=done))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - any failure mid-run is a runtime failure (exit 1)
+            fail(f"evaluation failed: {type(e).__name__}: {e}", EXIT_RUNTIME)
+    c, les = m["counts"], m["lesion"]
+    console.print(
+        f"{c['normal']} normal, {c['abnormal']} abnormal volumes ({c['slices']} slices), "
+        f"{c['errors']} errors: "
+        f"volume AUROC {_f(m['volume']['auroc'])}, slice AUROC {_f(m['slice']['auroc'])}, "
+        f"voxel AUROC {_f(m['voxel']['auroc'])}, AUPRO@0.3 {_f(m['voxel']['aupro_0.3'])}, "
+        f"Dice {_f(m['voxel']['dice'])}, lesions found {les['found']}/{les['lesions']}"
+    )
+    for e in m["errors"]:
+        console.print(f"[yellow]warning:[/yellow] {e['error']}")
+    console.print(f"metrics: {out / 'metrics.json'}")

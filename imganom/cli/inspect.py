@@ -50,6 +50,18 @@ def inspect(
     gpus_per_actor: float | None = typer.Option(
         None, "--gpus-per-actor", min=0, help="--engine ray: GPUs per actor (default: 1 if the cluster has)."
     ),
+    volumes: bool = typer.Option(
+        False, "--volumes", help="NIfTI files and DICOM series are volumes: per-volume rows, NIfTI "
+        "masks/maps on the input's grid, DICOM SEG for DICOM (implied by --axis, --channels, --sequences, "
+        "--per-slice).",
+    ),
+    axis: int | None = typer.Option(None, "--axis", min=0, max=2, help="Volumes: slice along this stored "
+                                    "array axis (default 2; never reoriented)."),
+    channels: bool = typer.Option(False, "--channels", help="Volumes: the --input files are one subject's "
+                                  "sequences (e.g. T1, T2, FLAIR), stacked as channels in that order."),
+    sequences: str | None = typer.Option(None, "--sequences", help="Volumes: stack <subject>_<seq>.nii.gz "
+                                         "files of the input folders per subject, e.g. t1,t2,flair."),
+    per_slice: bool = typer.Option(False, "--per-slice", help="Volumes: also one row per slice."),
     verbose: VerboseOpt = False,
 ) -> None:
     """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
@@ -63,6 +75,10 @@ def inspect(
     check_overlays(overlays)
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
+    as_volumes = volumes or axis is not None or channels or bool(sequences) or per_slice
+    if as_volumes and engine != "local":
+        fail("--engine ray inspects images and slices; volumes (--volumes, --axis, --channels, --sequences, "
+             "--per-slice) run on --engine local")  # fmt: skip
     insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
@@ -87,16 +103,26 @@ def inspect(
             "on_progress": on_progress,
         }
         try:
-            if engine == "ray":
+            if as_volumes:
+                from imganom.workflows.volumes import VolumeOptions, run_volumes
+
+                _, summary = run_volumes(
+                    insp, [] if channels else inputs, out, recursive=recursive, batch_size=batch_size,
+                    resume=resume, report=not no_report, on_progress=on_progress,
+                    options=VolumeOptions(axis=2 if axis is None else axis, per_slice=per_slice),
+                    channels=[inputs] if channels else (),
+                    sequences=[s.strip() for s in sequences.split(",") if s.strip()] if sequences else None,
+                )  # fmt: skip
+            elif engine == "ray":
                 ray_opts = (ray_address, actors, gpus_per_actor)
                 _, summary = inspect_on_ray(model, insp, inputs, out, ray_opts, common)
             else:
                 _, summary = run_inspect(insp, inputs, out, workers=workers, **common)
         except (FileNotFoundError, ImportError) as e:
             fail(str(e))
-    c = summary["counts"]
+    c, what = summary["counts"], "volumes" if "volumes" in summary else "images"
     console.print(
-        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        f"{c['total']} {what}: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
         + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
         + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
     )

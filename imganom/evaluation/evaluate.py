@@ -130,7 +130,8 @@ def histogram_range(pixel_threshold: float | None, lo_seen: float, hi_seen: floa
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def _model_info(insp: Any) -> dict[str, Any]:
+def describe_model(insp: Any) -> dict[str, Any]:
+    """The ``model`` entry of metrics.json: id, name, size, device, precision, backend, calibrated."""
     cfg = getattr(insp, "cfg", None)
     return {
         "id": getattr(insp, "model_id", None),
@@ -313,7 +314,7 @@ def evaluate(
         "threshold": {"image": thr_i, "pixel": thr_p, "source": threshold_source},
         "throughput_img_s": len(items) / seconds if seconds > 0 else None,
         "seconds": seconds,
-        "model": model_info if model_info is not None else _model_info(insp),
+        "model": model_info if model_info is not None else describe_model(insp),
         "reasons": reasons,
         "warnings": warnings,
         "missing_masks": missing_ids,

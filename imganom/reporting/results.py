@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -80,8 +81,16 @@ class ResultsWriter:
     stale results.csv. Not thread-safe: call from one thread.
     """
 
-    def __init__(self, out_dir: Path, resume: bool = False, *, fsync_every: int = 50) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        resume: bool = False,
+        *,
+        fsync_every: int = 50,
+        columns: Sequence[str] = CSV_COLUMNS,
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.columns = tuple(columns)  # of results.csv (volumes add theirs: workflows.volumes)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / "results.jsonl"
         self.csv_path = self.out_dir / "results.csv"
@@ -104,7 +113,7 @@ class ResultsWriter:
             raise ValueError("ResultsWriter is closed")
         if "id" not in row:
             raise ValueError("result row needs an 'id'")
-        full = {c: None for c in CSV_COLUMNS} | {"regions": [], "outputs": {}} | row
+        full = {c: None for c in self.columns} | {"regions": [], "outputs": {}} | row
         self._fh.write(_dumps_line(full))
         self._fh.flush()
         self.done_ids.add(str(row["id"]))
@@ -138,9 +147,9 @@ class ResultsWriter:
 
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(self.columns)
         for r in ordered:
-            w.writerow(["" if r.get(c) is None else r[c] for c in CSV_COLUMNS])
+            w.writerow(["" if r.get(c) is None else r[c] for c in self.columns])
         atomic_write_bytes(self.csv_path, buf.getvalue().encode("utf-8"), fsync=True)
         return ordered
 

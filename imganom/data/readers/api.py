@@ -126,6 +126,24 @@ def iter_items(
             yield (f"#slice={k:04d}" if dec.n_slices > 1 else ""), arr, meta
 
 
+@contextmanager
+def open_decoded(path: str | Path, **options: Unpack[ReadOptions]) -> Iterator[Decoded]:
+    """The parsed, budget-checked header of a file (``Decoded``: ``read(k)`` gives raw H x W x C pixels), for
+    readers that assemble volumes from several files (``data.volumes``)."""
+    with _decoded(file_source(path), _options(options).limits) as dec:
+        yield dec
+
+
+def read_decoded(
+    name: str, dec: Decoded, k: int, **options: Unpack[ReadOptions]
+) -> tuple[np.ndarray, ImageMeta]:
+    """Item ``k`` of ``dec`` through the read pipeline (budgets, normalisation, channel conversion), exactly
+    as ``read_image`` treats a slice; ``dec`` may be built in memory (a slice of an assembled volume)."""
+    opts = _options(options)
+    check_header(name, dec, opts.limits)
+    return _read_slice(name, dec, k, opts)
+
+
 def split_item_id(item: str) -> tuple[str, int | None]:
     """``"a/b.nii.gz#slice=0003"`` -> ``("a/b.nii.gz", 3)``; ids without a suffix -> ``(item, None)``."""
     m = _SLICE_RE.match(item)
