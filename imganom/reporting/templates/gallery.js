@@ -27,12 +27,17 @@ const ImganomGallery = (() => {
   }
   function stat(label, value) { return el("div", {}, el("span", { text: label + " " }), value); }
 
+  // A reviewer's decision (reviews.jsonl record: decision, label) as a badge; null without one.
+  function decisionBadge(d) {
+    return d ? el("span", { class: "decision " + d.decision, text: d.decision + (d.label ? ": " + d.label : ""),
+                            title: d.reviewer ? "reviewed by " + d.reviewer : "reviewed" }) : null;
+  }
   // One result as a card (badge, id, three thumbnails, score line, error); the caller adds listeners.
   function card(r, pos) {
     const c = el("article", { class: "card cat-" + r.cat, "data-pos": String(pos), "data-id": r.id,
                               "data-cat": r.cat, "data-score": r.score === null ? "" : String(r.score) },
       el("header", {}, el("span", { class: "badge " + r.cat, text: LABEL[r.cat] }),
-         el("span", { class: "cid", text: r.id, title: r.id })));
+         el("span", { class: "cid", text: r.id, title: r.id }), decisionBadge(r.decision)));
     if (r.cat !== "error" || r.img.preview || r.img.overlay) {
       c.append(el("div", { class: "thumbs" }, figure(r.img.preview, "original", r.id),
                   figure(r.img.overlay, "overlay", "overlay of " + r.id), figure(r.img.mask, "mask", "mask of " + r.id)));
@@ -60,5 +65,5 @@ const ImganomGallery = (() => {
     }
     return out;
   }
-  return { el, fmt, LABEL, figure, stat, card, details };
+  return { el, fmt, LABEL, figure, stat, card, details, decisionBadge };
 })();
