@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from imganom.reporting.results import read_jsonl
 from imganom.reporting.writers import output_stem
-from imganom.utils.files import atomic_write_bytes, to_jsonable
+from imganom.utils.files import atomic_write_bytes, to_jsonable, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,20 @@ def review_stats(rows: Sequence[dict], decisions: dict[str, dict]) -> dict[str, 
         "miss_rate": _rate(c["misses"], c["defect"]),
         "agreement": _rate(agree, judged),
     }
+
+
+def refresh_summary(results_dir: Path, rows: Sequence[dict] | None = None) -> dict:
+    """Recompute ``summary.json``'s ``reviews`` block (``review_stats``) from ``reviews.jsonl`` and write it
+    back (atomically); returns the whole summary. Called by the review app after each decision and by
+    ``calibrate --reviews``."""
+    results_dir = Path(results_dir)
+    if rows is None:
+        rows = read_jsonl(results_dir / "results.jsonl")[0]
+    path = results_dir / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    summary["reviews"] = review_stats(rows, ReviewStore(results_dir).latest())
+    write_json_atomic(path, summary)
+    return summary
 
 
 def resolve_inside(root: Path, rel: str) -> Path:

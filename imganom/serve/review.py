@@ -36,9 +36,8 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 
 from imganom.reporting.html import card_data, write_report
 from imganom.reporting.results import read_jsonl
-from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore, resolve_inside, review_stats
+from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore, refresh_summary, resolve_inside, review_stats
 from imganom.serve.errors import ApiError, add_error_handlers, error_response
-from imganom.utils.files import write_json_atomic
 
 COOKIE = "imganom_review_token"
 MAX_BODY = 32 * 1024 * 1024  # a decision with a painted full-resolution mask stays far below
@@ -162,13 +161,6 @@ def create_review_app(
     def stats() -> dict[str, Any]:
         return review_stats(data.rows, store.latest())
 
-    def refresh_summary() -> None:
-        path = data.dir / "summary.json"
-        summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        summary["reviews"] = stats()
-        write_json_atomic(path, summary)
-        data.summary = summary
-
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -249,7 +241,7 @@ def create_review_app(
         except ValueError as e:
             raise ApiError(422, "invalid_request", str(e)) from None
         state["changed"] = True
-        refresh_summary()
+        data.summary = refresh_summary(data.dir, data.rows)
         return {"record": rec, "decision": store.latest().get(d["id"]), "reviews": data.summary["reviews"]}
 
     @app.get("/files/{rel:path}")
