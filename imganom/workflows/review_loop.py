@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from imganom.data.discovery import MVTecItem, MVTecLayout
 from imganom.inference.inspector import Inspector
 from imganom.ops.thresholds import f1_max_threshold
 from imganom.reporting.results import read_jsonl
@@ -224,3 +225,21 @@ def finetune_on_reviews(
     }
     write_json_atomic(Path(run_dir) / "finetune.json", report)
     return report
+
+
+def reviewed_layout(results_dirs: Sequence[Path]) -> MVTecLayout:
+    """The reviewed images as an evaluation set (``evaluation.evaluate`` takes it like an MVTec test split):
+    confirmed normal -> label 0 (``good``), confirmed defect -> label 1 with its defect type (or ``defect``)
+    and the reviewer's corrected mask as ground truth where one was painted."""
+    items = []
+    for r in reviewed_images(results_dirs):
+        bad = r.decision == "defect"
+        kind = (r.label or "defect") if bad else "good"
+        mask = r.mask if bad else None
+        items.append(MVTecItem(r.path, f"{r.results_dir.name}/{r.id}", int(bad), kind, mask))
+    if not items:
+        where = ", ".join(map(str, results_dirs))
+        raise ValueError(f"no reviewed images (defect or normal decisions) in {where}")
+    missing = [it.id for it in items if it.label and it.mask_path is None]
+    types = sorted({it.defect_type for it in items if it.label})
+    return MVTecLayout(Path(results_dirs[0]), [], items, types, missing)

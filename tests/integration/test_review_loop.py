@@ -106,3 +106,21 @@ def test_fine_tuning_on_false_alarms_lowers_their_scores(
         means[name] = float(np.mean(list(image_scores(Inspector.load(path), held).values())))
     assert means["tuned"] < means["before"] and means["tuned"] < means["control"], means
     assert read_meta(run / "model.safetensors").training["fine_tune"]["init"] == str(model)
+
+
+def test_evaluate_on_reviews_uses_decisions_and_corrected_masks(
+    reviewed: dict, synth_root: Path, tmp_path: Path
+) -> None:
+    res = tmp_path / "res"
+    shutil.copytree(reviewed["res"], res)
+    rows = reviewed["rows"]
+    crack = next(r for r in rows if Path(r["path"]).parent.name == "crack")
+    gt = synth_root / "ground_truth" / "crack" / (Path(crack["path"]).stem + "_mask.png")
+    ReviewStore(res).add(crack["id"], "defect", label="crack", mask_png=gt.read_bytes())
+    _run("evaluate", "--model", str(reviewed["model"]), "--reviews", str(res), "--out", str(tmp_path / "ev"),
+         "--no-report", "--workers", "0")  # fmt: skip
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    n_good = sum(Path(r["path"]).parent.name == "good" for r in rows)
+    assert m["counts"]["good"] == n_good and m["counts"]["anomalous"] == len(rows) - n_good
+    assert m["counts"]["with_mask"] == 1 and m["pixel"]["auroc"] is not None
+    assert 0.5 <= m["image"]["auroc"] <= 1.0
