@@ -13,6 +13,7 @@ the report's shared ``gallery.js`` / ``gallery.css``) and a small JSON API over 
   ``reviews`` block; ``decision: "undo"`` withdraws the image's last decision;
 - ``GET /files/PATH``: a file of the results folder (images, masks); anything resolving outside it is 403.
 
+Without a token (loopback only) requests must name a loopback ``Host`` (403 otherwise: DNS rebinding).
 With a token every request needs it: ``Authorization: Bearer T``, ``X-Imganom-Token: T`` or the cookie set
 by opening ``/?token=T`` once (401 otherwise). Writes need ``Content-Type: application/json``, which a
 cross-site form cannot send without a CORS preflight this app never grants.
@@ -38,6 +39,7 @@ from imganom.reporting.html import card_data, write_report
 from imganom.reporting.results import read_jsonl
 from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore, refresh_summary, resolve_inside, review_stats
 from imganom.serve.errors import ApiError, add_error_handlers, error_response
+from imganom.serve.server import is_loopback
 
 COOKIE = "imganom_review_token"
 MAX_BODY = 32 * 1024 * 1024  # a decision with a painted full-resolution mask stays far below
@@ -81,6 +83,23 @@ class TokenAuth:
             return await resp(scope, receive, send)
         msg = "missing or wrong token: open /?token=TOKEN once, or send 'Authorization: Bearer TOKEN'"
         await error_response(401, "unauthorized", msg)(scope, receive, send)
+
+
+class LoopbackHost:
+    """ASGI middleware for the token-less (loopback) app: refuses requests whose ``Host`` is not a loopback
+    name, so a web page that rebinds its own domain to 127.0.0.1 cannot read or write decisions."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+            if not is_loopback(name):
+                msg = f"Host {host!r} is not a loopback name; without --token the app answers only those"
+                return await error_response(403, "forbidden_host", msg)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _uncertainty(r: dict, threshold: float | None) -> float:
@@ -256,4 +275,6 @@ def create_review_app(
 
     if token is not None:
         app.add_middleware(TokenAuth, token=token)
+    else:
+        app.add_middleware(LoopbackHost)
     return app

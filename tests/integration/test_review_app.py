@@ -232,6 +232,9 @@ def test_paths_outside_the_folder_are_refused(app) -> None:
         assert resp.status in (403, 404) and b"no" != body, path
         assert resp.status == 403 or b"not_found" in body, path
     assert httpx.get(f"{srv.url}/files/{REVIEWS_FILE}").status_code == 404
+    rebound = httpx.get(f"{srv.url}/api/info", headers={"Host": "evil.example:8765"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "forbidden_host"
+    assert httpx.get(f"http://localhost:{srv.port}/api/info").status_code == 200
     bad = httpx.post(f"{srv.url}/api/decisions", json={"id": "nope.png", "decision": "defect"})
     assert bad.status_code == 422
     form = httpx.post(f"{srv.url}/api/decisions", data={"id": rows[0]["id"], "decision": "defect"})
