@@ -72,6 +72,8 @@ class ReviewStore:
         if not self.path.exists():
             self._records, self._offset = [], 0
             return self._records
+        if self.path.stat().st_size < self._offset:  # replaced or truncated by hand: read it again
+            self._records, self._offset = [], 0
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             chunk = f.read()
