@@ -24,7 +24,15 @@ def _f(v: float | None) -> str:
 @with_model_options
 def evaluate(
     model: ModelOptions,
-    data: Path = typer.Option(..., "--data", help="MVTec-style root (test/<type>, ground_truth/<type>)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="MVTec-style root (test/<type>, ground_truth/<type>)."
+    ),
+    reviews: str | None = typer.Option(
+        None,
+        "--reviews",
+        help="Instead of --data: reviewed inspect folders (DIR[,DIR...]); reviewer decisions are the labels, "
+        "corrected masks the ground truth where painted.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (metrics.json, report.html)."),
     batch_size: BatchSizeOpt = 16,
     worst: int = typer.Option(8, "--worst", min=0, help="Worst false positives/negatives to show."),
@@ -39,12 +47,17 @@ def evaluate(
     from imganom.data.discovery import scan_mvtec
     from imganom.evaluation.evaluate import evaluate as run_evaluate
     from imganom.evaluation.volumes import is_volume_layout
+    from imganom.workflows.review_loop import reviewed_layout
 
-    if is_volume_layout(data):
+    if (data is None) == (reviews is None):
+        fail("give either --data (an MVTec-style root) or --reviews (reviewed inspect folders)")
+    if data is not None and is_volume_layout(data):
         return evaluate_volumes(model, data, out, batch_size, axis)
-
     try:
-        layout = scan_mvtec(data)
+        if reviews is not None:
+            layout = reviewed_layout([Path(d) for d in reviews.split(",") if d])
+        else:
+            layout = scan_mvtec(data)
     except (ValueError, OSError) as e:
         fail(str(e))
     if not layout.test:

@@ -18,6 +18,7 @@ from imganom.cli.evaluate import evaluate
 from imganom.cli.export import export
 from imganom.cli.info import info
 from imganom.cli.inspect import inspect
+from imganom.cli.review import review
 from imganom.cli.serve import serve
 from imganom.cli.train import train
 from imganom.cli.watch import watch
@@ -28,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Visual anomaly inspection with a convolutional VAE.",
 )
-for _command in (train, calibrate, inspect, demo, info, serve, watch, export, evaluate):
+for _command in (train, calibrate, inspect, demo, info, serve, watch, export, evaluate, review):
     app.command(_command.__name__)(_command)
 
 

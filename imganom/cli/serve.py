@@ -15,6 +15,19 @@ from imganom.cli.options import (
 )
 
 
+def check_bind(host: str, token: str | None, what: str = "the service") -> None:
+    """Exit with a usage error for an empty token, or a non-loopback ``host`` without one."""
+    from imganom.serve.server import is_loopback
+
+    if token is not None and not token.strip():
+        fail("--token / IMGANOM_TOKEN is empty")
+    if token is None and not is_loopback(host):
+        fail(
+            f"--host {host} exposes {what} beyond this machine: set a bearer token with --token or "
+            "the IMGANOM_TOKEN environment variable (or bind 127.0.0.1)"
+        )
+
+
 @with_model_options
 def serve(
     model: ModelOptions,
@@ -67,16 +80,10 @@ def serve(
     setup(verbose)
     try:
         from imganom.serve.app import ServeSettings, create_app
-        from imganom.serve.server import is_loopback, make_server
+        from imganom.serve.server import make_server
     except ImportError as e:
         fail(f"{e.name} is not installed; install the server extras: pip install 'imganom[serve]'")
-    if token is not None and not token.strip():
-        fail("--token / IMGANOM_TOKEN is empty")
-    if token is None and not is_loopback(host):
-        fail(
-            f"--host {host} exposes the service beyond this machine: set a bearer token with --token or "
-            "the IMGANOM_TOKEN environment variable (or bind 127.0.0.1)"
-        )
+    check_bind(host, token)
     insp = model.load(require_calibrated=True)
     try:
         settings = ServeSettings(

@@ -41,14 +41,30 @@ def train(
     nproc: int = typer.Option(
         1, "--nproc", min=1, help="Train data-parallel in N processes on this machine (runs torchrun, DDP)."
     ),
+    resume_from: Path | None = typer.Option(
+        None,
+        "--resume-from",
+        help="Fine-tune this model (its config; --config is ignored) on --data plus --add-normals.",
+    ),
+    add_normals: str | None = typer.Option(
+        None,
+        "--add-normals",
+        help="With --resume-from: reviewed inspect folders (DIR[,DIR...]); their confirmed false alarms are "
+        "added to the training images, part of the reviewed normals is held out to compare before/after.",
+    ),
+    holdout: float = typer.Option(0.5, "--holdout", help="Share of the reviewed normals held out."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a VAE on normal images; writes RUN_DIR/model.safetensors (calibrated)."""
     setup(verbose)
     from imganom.training.distributed import is_primary, torchrun_command, world_notes
 
+    if nproc > 1 and (resume_from is not None or add_normals is not None):
+        fail("--resume-from/--add-normals fine-tune in one process: drop --nproc")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun already: this is one of its ranks
         raise typer.Exit(subprocess.run(torchrun_command(sys.argv[1:], nproc)).returncode)
+    if resume_from is not None or add_normals is not None:
+        return _fine_tune(resume_from, add_normals, data, out, epochs, holdout, device)
     from imganom.config import ConfigError
     from imganom.training.autoconfig import resolve_config
 
@@ -97,3 +113,31 @@ def train(
     for level, line in res.check_lines():
         console.print(("[yellow]warning:[/yellow] " if level == "warning" else "") + line)
     print(res.model_path)
+
+
+def _fine_tune(
+    model: Path | None, dirs: str | None, data: Path, out: Path, epochs: int | None, holdout: float,
+    device: str,
+) -> None:  # fmt: skip
+    """``train --resume-from M --add-normals DIR``: fine-tune on reviewed false alarms, then recalibrate."""
+    if model is None or not dirs:
+        fail("--resume-from MODEL and --add-normals DIR go together")
+    from imganom.formats.modelfile import ModelFileError
+    from imganom.workflows.review_loop import finetune_on_reviews
+
+    try:
+        rep = finetune_on_reviews(model, data, [Path(d) for d in dirs.split(",") if d], out, epochs=epochs,
+                                  holdout=holdout, device=device)  # fmt: skip
+    except (FileNotFoundError, ValueError, ModelFileError) as e:
+        fail(str(e))
+    n, ep = rep["added_false_alarms"], rep["epochs"]
+    console.print(f"fine-tuned on {n} confirmed false alarms plus the original normals ({ep} epochs)")
+    if rep["before"] is not None:
+        b, a = rep["before"], rep["after"]
+        console.print(
+            f"false-alarm rate on {b['n']} held-out reviewed normals: "
+            f"{100 * b['false_alarm_rate']:.1f}% before (threshold {b['image_threshold']:.4g}), "
+            f"{100 * a['false_alarm_rate']:.1f}% after (threshold {a['image_threshold']:.4g})",
+            soft_wrap=True,
+        )
+    print(rep["model_path"])

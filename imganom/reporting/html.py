@@ -18,6 +18,7 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
+from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore, review_stats
 from imganom.utils.files import atomic_write_bytes, to_jsonable
 from imganom.utils.version import __version__
 
@@ -26,7 +27,7 @@ HIST_BINS = 40
 HIST_BASE, HIST_PLOT_H = 140.0, 130.0  # SVG y of the x axis and height of the tallest bar
 
 
-def _category(row: dict) -> str:
+def category(row: dict) -> str:
     if row.get("status") == "error":
         return "error"
     return "ng" if row.get("verdict") == "NG" else "ok"
@@ -42,18 +43,18 @@ def _num(x: Any) -> float | None:
 
 def _sort_key(row: dict) -> tuple:
     """Errors first (by id), then score descending, unscored rows last."""
-    if _category(row) == "error":
+    if category(row) == "error":
         return (0, 0.0, str(row.get("id")))
     score = _num(row.get("score"))
     return (1, 0.0, str(row.get("id"))) if score is None else (1, -score, str(row.get("id")))
 
 
-def _card_data(row: dict) -> dict:
+def card_data(row: dict) -> dict:
     """The subset of a result row the page needs; image paths are URL-quoted for use in ``src``."""
     outputs = row.get("outputs") or {}
     return {
         "id": str(row.get("id")),
-        "cat": _category(row),
+        "cat": category(row),
         "verdict": row.get("verdict"),
         "score": _num(row.get("score")),
         "norm": _num(row.get("norm_score")),
@@ -67,7 +68,7 @@ def _card_data(row: dict) -> dict:
 
 def _histogram(rows: list[dict], threshold: float | None) -> dict | None:
     """Stacked OK/NG score histogram laid out for a 1000-wide SVG viewBox (None without scores)."""
-    scored = ((_num(r.get("score")), _category(r)) for r in rows if _category(r) != "error")
+    scored = ((_num(r.get("score")), category(r)) for r in rows if category(r) != "error")
     pts = [(s, cat) for s, cat in scored if s is not None]
     if not pts:
         return None
@@ -154,7 +155,16 @@ def write_report(
     """
     out_dir = Path(out_dir)
     ordered = sorted(rows, key=_sort_key)
-    cats = [_category(r) for r in ordered]
+    cards = [card_data(r) for r in ordered]
+    reviews = None
+    if (out_dir / REVIEWS_FILE).exists():  # reviewer decisions (imganom review): a badge per card + stats
+        decided = ReviewStore(out_dir).latest()
+        reviews = review_stats(ordered, decided)
+        for c in cards:
+            d = decided.get(c["id"])
+            if d:
+                c["decision"] = {k: d.get(k) for k in ("decision", "label", "reviewer")}
+    cats = [category(r) for r in ordered]
     counts = {"all": len(ordered), **{c: cats.count(c) for c in ("ng", "ok", "error")}}
     sc = summary.get("counts") or {}
     header_counts = {
@@ -179,5 +189,6 @@ def write_report(
         finished=summary.get("finished"),
         extra=extra,
         hist=_histogram(ordered, _num(thresholds.get("image"))),
-        data=_json_for_script([_card_data(r) for r in ordered]),
+        data=_json_for_script(cards),
+        reviews=reviews,
     )

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from imganom.config import Config
-from imganom.formats.modelfile import save_model
+from imganom.formats.modelfile import load_model, save_model
 from imganom.models.losses import kl_weight, vae_loss
 from imganom.models.vae import ConvVAE
 from imganom.training import selfcheck
@@ -286,8 +286,14 @@ def train(
     device: str = "auto",
     progress: ProgressFn | bool | None = None,
     notes: dict[str, Any] | None = None,
+    init: str | Path | None = None,
+    extra_normals: Sequence[Path] = (),
 ) -> TrainResult:
     """Train on the normal images under ``data``; writes the run directory and returns a summary.
+
+    Fine-tuning (``imganom train --resume-from``): ``init`` is a model file whose weights start the run (its
+    architecture must match ``cfg``), ``extra_normals`` are more normal images added to the training split
+    (e.g. false alarms a reviewer confirmed normal); the held-out split stays the one of ``data``.
 
     ``progress``: called with an ``EpochProgress`` after every batch (False/None: nothing). ``notes``: extra
     entries for the model file's training metadata (e.g. ``auto_config``: what ``--config auto`` chose)."""
@@ -301,6 +307,7 @@ def train(
     on_progress = progress if callable(progress) and dctx.primary else None
 
     (tr_paths, tr_ids), (va_paths, va_ids) = split_images(cfg, data)
+    tr_paths, tr_ids = tr_paths + list(extra_normals), tr_ids + [f"+{p}" for p in extra_normals]
     train_set = NormalImages(tr_paths, tr_ids, cfg, train=True)
     val_set = NormalImages(va_paths, va_ids, cfg, train=False) if va_paths else None
     pseudo_views = (
@@ -308,7 +315,10 @@ def train(
     ).views()  # no held-out split: the training images (said in the check)
     pset_select = None
 
-    model = ConvVAE(cfg.model, cfg.preprocess.channels, cfg.preprocess.size).to(dev)
+    model = ConvVAE(cfg.model, cfg.preprocess.channels, cfg.preprocess.size)
+    if init is not None:
+        model.load_state_dict(load_model(init)[0].state_dict())
+    model = model.to(dev)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
@@ -490,6 +500,8 @@ def train(
         training["map_auto"] = {**map_choice, "candidates": map_choice["candidates"][:20]}
     if check is not None:
         training["self_check"] = check
+    if init is not None or extra_normals:
+        training["fine_tune"] = {"init": str(init), "extra_normals": len(extra_normals)}
     training.update(notes or {})
     model_path = run_dir / "model.safetensors"
     save_model(model_path, model, final_cfg, training=training)

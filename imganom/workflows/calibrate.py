@@ -102,6 +102,15 @@ def normal_scores(
     return np.asarray(scores), res.sample()
 
 
+def image_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, float]:
+    """Image score per readable path (``str(path)`` keys); unreadable images are logged and left out."""
+    out: dict[str, float] = {}
+    for chunk in _chunks(_decoded(insp, paths), batch_size):
+        for r in insp.predict_arrays(chunk):
+            out[r.id] = float(r.score)
+    return out
+
+
 MAX_STATS_IMAGES = 512  # normal-map statistics converge long before; caps the extra pass over training data
 
 

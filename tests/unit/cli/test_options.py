@@ -31,7 +31,7 @@ def _options(command: str) -> dict[str, click.Parameter]:
 def test_commands_are_registered() -> None:
     group = typer.main.get_command(app)
     assert set(group.commands) == {  # type: ignore[attr-defined]
-        "train", "calibrate", "inspect", "demo", "info", "serve", "watch", "export", "evaluate",
+        "train", "calibrate", "inspect", "demo", "info", "serve", "watch", "export", "evaluate", "review",
     }  # fmt: skip
 
 
