@@ -38,6 +38,12 @@ def inspect(
     raw_maps: RawMapsOpt = None,
     overlays: OverlaysOpt = "ng",
     no_report: NoReportOpt = False,
+    latents: bool = typer.Option(
+        False, "--latents", help="Record each image's latent mean (results.jsonl 'latent', OUT/latents.npy)."
+    ),
+    explain: bool = typer.Option(
+        False, "--explain", help="Write reconstruction and residual PNGs (explain/) for the overlaid images."
+    ),
     verbose: VerboseOpt = False,
 ) -> None:
     """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
@@ -73,15 +79,18 @@ def inspect(
                 batch_size=batch_size,
                 workers=workers,
                 resume=resume,
-                options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
+                options=OutputOptions(raw_maps=raw_maps, overlays=overlays, explain=explain),
                 report=not no_report,
                 on_progress=on_progress,
+                latents=latents,
             )
         except FileNotFoundError as e:
             fail(str(e))
     c = summary["counts"]
     console.print(
-        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        f"{c['total']} images: {c['ok']} OK, {c['ng']} NG, "
+        + (f"{c['review']} review, " if c.get("review") else "")
+        + f"{c['error']} errors"
         + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
         + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
     )

@@ -123,10 +123,10 @@ class TorchBackend:
     def _sampled(
         self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl: torch.Tensor, k: int
     ) -> dict[str, torch.Tensor]:
-        """``k`` latent draws per view in one decoder batch -> their head outputs (``sample_maps`` (k, N, h, w),
-        ``sample_score_maps`` or absent, ``sample_elbo`` (k, N)) and the per-pixel standard deviation of the
-        k reconstructions, channel-averaged (``recon_std`` (N, h, w)). Seeded: the same views give the same
-        draws."""
+        """``k`` latent draws per view in one decoder batch -> their head outputs (``sample_maps``
+        (k, N, h, w), ``sample_score_maps`` or absent, ``sample_elbo`` (k, N)) and the per-pixel standard
+        deviation of the k reconstructions, channel-averaged (``recon_std`` (N, h, w)). Seeded: the same
+        views give the same draws."""
         n = x.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(1)
         rep = (k,) + (1,) * (mu.dim() - 1)
@@ -147,7 +147,7 @@ class TorchBackend:
         """Views (N, C, h, w) on any device -> smoothed model-resolution maps (N, h, w) fp32 on the device,
         the per-view negative ELBO and, with ``map.standardize == "score"``, the score maps. ``extra``: the
         latent means (N, D; spatial latents averaged over space), the ELBO's KL term (KL / (C*H*W), N) and,
-        with ``samples`` >= 2, ``_sampled``'s Monte-Carlo outputs; the maps are the same whatever ``samples``."""
+        with ``samples`` >= 2, ``_sampled``'s Monte-Carlo outputs; the maps do not depend on ``samples``."""
         x, recons, kl, (mu, logvar) = self._forward(views)
         out = self.head.finish(self.head.raw_map(x, recons), kl)
         latent = mu.float().flatten(1) if mu.dim() == 2 else mu.float().mean((2, 3))

@@ -32,9 +32,10 @@ def image_extras(
     spans: list[tuple[int, int]],
     resample: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> list[dict[str, np.ndarray]]:
-    """One host dict per image (views ``spans[p]`` of ``ho``): ``latent`` (D,), ``elbo``, ``kl_term`` and,
-    when sampled, ``sample_scores`` (K,), ``recon_std`` (H, W) and ``sample_exceed`` (K, H, W) bool (sample
-    map > pixel threshold). ``resample(maps (V, h, w), p)`` -> image p's (H, W) map, as for the anomaly map."""
+    """One host dict per image (views ``spans[p]`` of ``ho``): ``latent`` (D,), ``elbo``, ``kl_term``
+    and, when sampled, ``sample_scores`` (K,), ``recon_std`` (H, W) and ``sample_exceed`` (K, H, W) bool
+    (sample map > pixel threshold). ``resample(maps (V, h, w), p)`` -> image p's (H, W) map, as the
+    anomaly map is resampled."""
     ext = ho.extra
     if not ext:
         return [{} for _ in spans]
@@ -59,8 +60,9 @@ def image_extras(
 
 
 def explanation(insp: Inspector, r: Result, ex: dict[str, np.ndarray], pixels: list[np.ndarray]) -> dict:
-    """Why this image: the ELBO = ``recon_term`` (mean of the unsmoothed pixel map) + ``kl_term`` (KL divergence
-    / (C*H*W)), the score rule, and the top regions by share of the anomaly mass (``ops.uncertainty``)."""
+    """Why this image: the ELBO = ``recon_term`` (mean of the unsmoothed pixel map) + ``kl_term`` (KL
+    divergence / (C*H*W)), the score rule, and the top regions by share of the anomaly mass
+    (``ops.uncertainty``)."""
     elbo, kl = float(ex["elbo"]), float(ex["kl_term"])
     d: dict = {"score_rule": insp.cfg.postprocess.score, "elbo": elbo, "recon_term": elbo - kl, "kl_term": kl}
     thr_p = r.thresholds.get("pixel")

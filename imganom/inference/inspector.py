@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from imganom.data.preprocess import prepare, to_original
 from imganom.data.readers import ImageMeta
 from imganom.formats.modelfile import ModelMeta
 from imganom.inference import batches
@@ -161,7 +162,8 @@ class Inspector:
     def with_options(self, **kw: Any) -> Inspector:
         """A new Inspector with other ``roi``, ``maps``, ``image_threshold``, ``pixel_threshold``,
         ``uncertainty`` (Monte-Carlo samples) or ``review_below``."""
-        unknown = set(kw) - {"roi", "maps", "image_threshold", "pixel_threshold", "uncertainty", "review_below"}
+        known = {"roi", "maps", "image_threshold", "pixel_threshold", "uncertainty", "review_below"}
+        unknown = set(kw) - known
         if unknown:
             raise TypeError(f"with_options: unknown option(s) {sorted(unknown)}")
         kw = {"image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold, **kw}
@@ -229,6 +231,18 @@ class Inspector:
         """Unsmoothed, unstandardised single-scale maps (N, h, w): what normal-map statistics measure."""
         with self.backend.lock:
             return self.backend.raw_maps(views)
+
+    @torch.no_grad()
+    def reconstruct(self, chw: np.ndarray) -> np.ndarray:
+        """The posterior-mean reconstruction (C, H, W) in [0, 1] of a normalised CHW input, at its original
+        size (what the model thinks a normal part looks like here). Torch backend only."""
+        if self.backend.model is None:
+            raise RuntimeError(f"reconstructions need the torch backend (this one is {self.backend.kind})")
+        views, geom = prepare(chw, self.cfg.preprocess)
+        with self.backend.lock:
+            _, _, rec = self.backend.model.reconstruct(torch.from_numpy(views).to(self.device))
+        rec = rec.float()
+        return np.stack([to_original(rec[:, c], geom).cpu().numpy() for c in range(rec.shape[1])])
 
     # ---- ROI, scores, results ----------------------------------------------------------------------------
     def roi_for(self, shape: tuple[int, int]) -> np.ndarray | None:

@@ -71,7 +71,8 @@ class Result:
             "timing_ms": self.timing,
         }
         if self.score_spread is not None:
-            d.update(confidence=self.confidence, score_spread=self.score_spread, is_anomalous=self.is_anomalous)
+            d.update(confidence=self.confidence, score_spread=self.score_spread)
+            d["is_anomalous"] = self.is_anomalous
         if self.explanation is not None:
             d["explanation"] = self.explanation
         if regions:

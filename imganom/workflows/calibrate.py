@@ -22,6 +22,7 @@ from imganom.config import CalibrationConfig
 from imganom.data.preprocess import prepare
 from imganom.data.readers import ImageReadError, read_image, read_options
 from imganom.inference.inspector import Inspector
+from imganom.ops.latent import fit_latent_stats
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
 
@@ -90,13 +91,17 @@ def normal_scores(
     batch_size: int = 16,
     pixel_capacity: int = 2_000_000,
     seed: int = 0,
+    latents: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and a uniform sample of pixel scores over the given normal images."""
+    """Image scores and a uniform sample of pixel scores over the given normal images; their latent means
+    are appended to ``latents`` when given (and the backend has them)."""
     scores, res = [], ReservoirSampler(pixel_capacity, seed)
     for chunk in _chunks(_decoded(insp, paths), batch_size):
         for r in insp.predict_arrays(chunk):
             scores.append(r.score)
             res.add(r.anomaly_map.ravel())
+            if latents is not None and r.latent is not None:
+                latents.append(r.latent)
     if not scores:
         raise ValueError("calibration: none of the given images could be read")
     return np.asarray(scores), res.sample()
@@ -148,7 +153,10 @@ def calibrate(
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
     scorer = insp.with_calibration(stats=stats) if stats else insp
-    scores, pix = normal_scores(scorer, paths, batch_size)
+    latents: list[np.ndarray] = []
+    scores, pix = normal_scores(scorer, paths, batch_size, latents=latents)
+    if len(latents) >= 3:  # the normals' latent space (ops.latent): Mahalanobis score, 2-D view
+        stats = {**stats, **fit_latent_stats(np.stack(latents))}
     thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
     pthr = pixel_threshold(pix, cfg.pixel_quantile)
     scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)
