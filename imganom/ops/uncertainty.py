@@ -74,4 +74,4 @@ def mass_shares(
         excess = excess * roi
     flat = excess.ravel()
     total = float(flat.sum())
-    return total, [float(flat[p].sum() / total) if total > 0 else 0.0 for p in pixels]
+    return total, [min(1.0, float(flat[p].sum() / total)) if total > 0 else 0.0 for p in pixels]  # rounding

@@ -29,6 +29,7 @@ from imganom.data.discovery import expand_inputs
 from imganom.data.names import printable
 from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
+from imganom.ops.latent import has_latent_stats, project
 from imganom.reporting.results import ResultsWriter
 from imganom.reporting.writers import OutputOptions, heatmap_vmax, write_item_outputs, write_trust_outputs
 from imganom.utils.batching import batch_or_each
@@ -314,8 +315,21 @@ def run_inspect(
     if report:
         from imganom.reporting.html import write_report
 
-        write_report(out, rows, summary)
+        write_report(out, rows, summary, latent_view=latent_view(insp, rows) if latents else None)
     return rows, summary
+
+
+def latent_view(insp: Inspector, rows: list[dict]) -> dict:
+    """The report's latent projection: the normals' 2-D points and each row's latent mean projected on the
+    same PCA basis (``ops.latent``), or a ``note`` when the model has no latent statistics."""
+    if not has_latent_stats(insp.stats):
+        log.warning("the model has no latent statistics: no latent view (recalibrate it: imganom calibrate)")
+        return {"note": "The model has no latent statistics (calibrated before they were recorded): "
+                "recalibrate it (imganom calibrate) to see the latent space."}  # fmt: skip
+    have = [r for r in rows if r.get("latent")]
+    pts = project(np.asarray([r["latent"] for r in have]), insp.stats) if have else np.zeros((0, 2))
+    return {"normals": insp.stats["latent_normals_2d"].cpu().double().tolist(),
+            "points": {str(r["id"]): p for r, p in zip(have, pts.tolist())}}  # fmt: skip
 
 
 def write_latents(path: Path, rows: list[dict]) -> None:
