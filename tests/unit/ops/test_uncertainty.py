@@ -27,7 +27,8 @@ def test_confidence_is_monotone_in_distance_to_threshold_on_sampled_scores() -> 
     noise = rng.normal(size=k)  # the same draws for every image: only d changes
     dists = np.linspace(0.0, 3.0, 40)
     for side in (-1, 1):
-        conf = [verdict_confidence(thr + side * d, thr, score_spread(thr + side * d + 0.4 * noise)) for d in dists]
+        scores = [thr + side * d for d in dists]
+        conf = [verdict_confidence(s, thr, score_spread(s + 0.4 * noise)) for s in scores]
         assert all(0.0 <= c <= 1.0 for c in conf)
         assert conf[0] == 0.0 and conf[-1] > 0.99
         assert np.all(np.diff(conf) > 0)
