@@ -47,7 +47,8 @@ def test_rows_csv_latents_and_images(run: Path, tiny_model: Path) -> None:
         assert all(0.0 <= g["confidence"] <= 1.0 for g in r["regions"])
         assert (run / r["outputs"]["uncertainty"]).is_file()
         if r["verdict"] != "OK":  # overlays "ng": every image but the OK ones; so are the explanations
-            assert (run / r["outputs"]["reconstruction"]).is_file() and (run / r["outputs"]["residual"]).is_file()
+            assert (run / r["outputs"]["reconstruction"]).is_file()
+            assert (run / r["outputs"]["residual"]).is_file()
         else:
             assert "reconstruction" not in r["outputs"]
     lat = np.load(run / "latents.npy")
@@ -83,7 +84,8 @@ def test_report_shows_latent_view_confidence_and_explanation(driver, run: Path) 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    rows = {json.loads(line)["id"]: json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()}
+    lines = (run / "results.jsonl").read_text().splitlines()
+    rows = {json.loads(line)["id"]: json.loads(line) for line in lines}
     driver.get((run / "report.html").as_uri())
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .card"))
     normals = driver.find_elements(By.CSS_SELECTOR, "#latent-svg circle.lat-normal")
