@@ -51,7 +51,7 @@ def calibrate(
     if labeled is not None:
         lay = scan_mvtec(labeled)
         lab = [(it.path, it.label) for it in lay.test]
-    cal, stats = run_calibrate(insp, paths, cfg, labeled=lab, keep_stats=not restat)
+    cal, stats = run_calibrate(insp, paths, cfg, labeled=lab, keep_stats=not restat, latents=True)
     if out is None:
         update_calibration(model, cal, stats)
         dest = resolve_model_path(model)

@@ -119,6 +119,7 @@ def calibrate(
     batch_size: int = 16,
     stats_paths: Sequence[Path] | None = None,
     keep_stats: bool = False,
+    latents: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
 
@@ -128,7 +129,9 @@ def calibrate(
     training: the training images, up to ``MAX_STATS_IMAGES``), else from every other image of ``paths``,
     whose remaining half then sets the thresholds. ``keep_stats``: reuse the model's statistics when it has
     them (recalibrating thresholds only, on all of ``paths``). ``insp`` is not changed: apply the result
-    with ``insp.with_calibration(cal, stats)`` or write it to the model file (``update_calibration``)."""
+    with ``insp.with_calibration(cal, stats)`` or write it to the model file (``update_calibration``).
+    ``latents``: also fit the normals' latent statistics (``ops.latent``) on the latent means of the images
+    that set the thresholds (no extra pass; torch backend) and return them among the stats tensors."""
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
@@ -153,10 +156,10 @@ def calibrate(
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
     scorer = insp.with_calibration(stats=stats) if stats else insp
-    latents: list[np.ndarray] = []
-    scores, pix = normal_scores(scorer, paths, batch_size, latents=latents)
-    if len(latents) >= 3:  # the normals' latent space (ops.latent): Mahalanobis score, 2-D view
-        stats = {**stats, **fit_latent_stats(np.stack(latents))}
+    zs: list[np.ndarray] = []
+    scores, pix = normal_scores(scorer, paths, batch_size, latents=zs if latents else None)
+    if len(zs) >= 3:  # the normals' latent space (ops.latent): Mahalanobis score, 2-D view
+        stats = {**stats, **fit_latent_stats(np.stack(zs))}
     thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
     pthr = pixel_threshold(pix, cfg.pixel_quantile)
     scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)

@@ -12,8 +12,8 @@ from imganom.evaluation.trust import confidence_metrics, latent_metrics
 from imganom.inference.inspector import Inspector
 
 
-def test_evaluate_reports_latent_and_confidence(tiny_model: Path, synth_root: Path, tmp_path: Path) -> None:
-    insp = Inspector.load(tiny_model, device="cpu").with_options(uncertainty=4)
+def test_evaluate_reports_latent_and_confidence(latent_model: Path, synth_root: Path, tmp_path: Path) -> None:
+    insp = Inspector.load(latent_model, device="cpu").with_options(uncertainty=4)
     m = evaluate(insp, synth_root, tmp_path / "ev", batch_size=8, workers=0, report=False)
     lat = m["latent"]
     assert lat["available"] is True

@@ -19,8 +19,8 @@ from imganom.ops.latent import has_latent_stats
 
 
 @pytest.fixture(scope="module")
-def insp(tiny_model: Path) -> Inspector:
-    return Inspector.load(tiny_model, device="cpu")
+def insp(latent_model: Path) -> Inspector:
+    return Inspector.load(latent_model, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,10 @@ def test_calibration_records_latent_statistics(insp: Inspector) -> None:
     assert insp.stats["latent_normals_2d"].shape[1] == 2
 
 
-def test_graph_backend_gives_no_extras(tiny_model: Path, paths: list[Path]) -> None:
+def test_graph_backend_gives_no_extras(latent_model: Path, paths: list[Path]) -> None:
     pytest.importorskip("onnxruntime")
-    g = Inspector.load(tiny_model, device="cpu", backend="onnxruntime", uncertainty=4)
-    ref = Inspector.load(tiny_model, device="cpu").predict(paths[:3])
+    g = Inspector.load(latent_model, device="cpu", backend="onnxruntime", uncertainty=4)
+    ref = Inspector.load(latent_model, device="cpu").predict(paths[:3])
     for r, t in zip(g.predict(paths[:3]), ref, strict=True):
         assert r.latent is None and r.explanation is None and r.confidence is None
         assert r.uncertainty_map is None and r.verdict in ("OK", "NG")
