@@ -4,9 +4,11 @@ For each K in ``--samples`` (1 = off): images/s of ``Inspector.predict_arrays`` 
 (decoding excluded; batch ``--batch-size``), and, for K >= 2, the verdict error rate per confidence bin
 (``evaluation.trust.confidence_metrics``): is the error rate among high-confidence verdicts lower than among
 low-confidence ones? Also checks that the scores do not depend on K (the map and score always come from the
-posterior mean). With a model lacking latent statistics, ``--fit-latents N`` fits them on N training
-normals into a temporary copy, then reports the AUROC of the latent distance, the combined score and the
-reconstruction score (``evaluation.trust.latent_metrics``).
+posterior mean). The confidence depends on the threshold, the spread does not: the same analysis is also
+reported at the test set's F1-max threshold (an oracle threshold, for analysis only: at the calibrated 1 %
+false-reject threshold most errors are confident misses). With a model lacking latent statistics,
+``--fit-latents N`` fits them on N training normals into a temporary copy, then reports the AUROC of the
+latent distance, the combined score and the reconstruction score (``evaluation.trust.latent_metrics``).
 
     python tools/bench_uncertainty.py --model RUN/model.safetensors --data DATASET --json out.json
 """
@@ -33,6 +35,19 @@ from imganom.evaluation.trust import confidence_metrics, latent_metrics  # noqa:
 from imganom.formats.modelfile import load_model, update_calibration  # noqa: E402
 from imganom.inference.inspector import Inspector  # noqa: E402
 from imganom.ops.latent import fit_latent_stats, has_latent_stats  # noqa: E402
+from imganom.ops.uncertainty import verdict_confidence  # noqa: E402
+
+
+def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The test scores' threshold (``score > t`` = NG) with the highest F1."""
+    best, best_t = -1.0, float(scores.max())
+    for t in np.unique(scores):
+        pred = scores > t
+        tp = float((pred & (labels == 1)).sum())
+        f1 = 2 * tp / max(pred.sum() + (labels == 1).sum(), 1)
+        if f1 > best:
+            best, best_t = f1, float(t)
+    return best_t
 
 
 def decode(insp: Inspector, paths: list[Path]) -> list[tuple[str, np.ndarray, None]]:
@@ -86,6 +101,13 @@ def main() -> None:
             row = {"img_s": ips, "scores_equal_to_k1": bool(np.array_equal(scores, base))}
             row["confidence"] = confidence_metrics(scores, labels, [r.confidence for r in res],
                                                    insp.image_threshold)  # fmt: skip
+            if k >= 2:
+                thr = f1_max_threshold(scores, labels)
+                conf = [verdict_confidence(r.score, thr, r.score_spread) for r in res]
+                row["f1_threshold"] = thr
+                row["confidence_at_f1_threshold"] = confidence_metrics(scores, labels, conf, thr)
+                row["spread"] = {"median": float(np.median([r.score_spread for r in res])),
+                                 "p90": float(np.percentile([r.score_spread for r in res], 90))}  # fmt: skip
             report["by_samples"][k] = row
             print(k, json.dumps(row), flush=True)
             if k == 1:
