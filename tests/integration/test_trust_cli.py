@@ -139,3 +139,33 @@ def test_report_without_latent_statistics_says_so(tiny_model: Path, synth_root: 
     html = (out / "report.html").read_text()
     assert 'id="latent-note"' in html and "no latent statistics" in html
     assert np.isfinite(np.load(out / "latents.npy")).all()
+
+
+def test_serve_answers_confidence_review_and_explanation(latent_model: Path, synth_root: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """A real ``imganom serve`` on loopback with sampling on: each response carries the confidence, the
+    explanation and region confidences; low-confidence verdicts read 'review' (and count in /metrics)."""
+    import httpx
+    from serve_process import Server
+
+    args = ("--uncertainty-samples", "4", "--review-below", "0.999999")
+    srv = Server(latent_model, tmp_path / "serve.log", *args)
+    try:
+        srv.wait_ready()
+        seen = []
+        for p in sorted((synth_root / "test").glob("*/*.png")):
+            r = httpx.post(srv.url + "/v1/inspect", content=p.read_bytes(),
+                           headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert 0.0 <= body["confidence"] <= 1.0
+            want = "review" if body["confidence"] < 0.999999 else ("NG" if body["is_anomalous"] else "OK")
+            assert body["verdict"] == want
+            e = body["explanation"]
+            assert e["recon_term"] + e["kl_term"] == pytest.approx(e["elbo"])
+            assert all(0.0 <= g["confidence"] <= 1.0 for g in body["regions"])
+            seen.append(body["verdict"])
+        text = httpx.get(srv.url + "/metrics").text
+        assert f'imganom_verdicts_total{{verdict="review"}} {seen.count("review")}' in text
+    finally:
+        srv.kill()
