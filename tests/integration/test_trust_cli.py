@@ -169,3 +169,21 @@ def test_serve_answers_confidence_review_and_explanation(latent_model: Path, syn
         assert f'imganom_verdicts_total{{verdict="review"}} {seen.count("review")}' in text
     finally:
         srv.kill()
+
+
+def test_calibrate_cli_records_latent_statistics(tiny_model: Path, synth_root: Path, tmp_path: Path) -> None:
+    """``imganom calibrate`` adds the normals' latent statistics to a model that lacks them (weights, map
+    statistics and the model id untouched)."""
+    from imganom.formats.modelfile import load_model, read_meta
+    from imganom.ops.latent import has_latent_stats
+
+    out = tmp_path / "recal.safetensors"
+    cmd = imganom_cmd("calibrate", "--model", str(tiny_model), "--data", str(synth_root / "train" / "good"),
+                      "--out", str(out))  # fmt: skip
+    p = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, _, before = load_model(tiny_model)
+    _, _, after = load_model(out)
+    assert not has_latent_stats(before) and has_latent_stats(after)
+    assert {k for k in after if not k.startswith("latent_")} == set(before)
+    assert read_meta(out).model_id == read_meta(tiny_model).model_id
