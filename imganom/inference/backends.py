@@ -39,6 +39,22 @@ from imganom.ops.head import AnomalyHead, HeadOutput
 from imganom.utils.device import autocast_dtype, resolve_device
 
 
+class HeadOutputWithExtra(HeadOutput):
+    """A ``HeadOutput`` (the same 3-tuple: code that unpacks it is unaffected) with ``extra``, the torch
+    backend's per-view side outputs (``inference.extras``): latent means, the ELBO's KL term, Monte-Carlo
+    samples. Graph backends return a plain ``HeadOutput`` (``extras_of`` gives None)."""
+
+    def __new__(cls, out: HeadOutput, extra: dict[str, torch.Tensor]) -> HeadOutputWithExtra:
+        self = super().__new__(cls, *out)
+        self.extra = extra
+        return self
+
+
+def extras_of(out: HeadOutput) -> dict[str, torch.Tensor] | None:
+    """The side outputs of a backend's ``HeadOutput`` (None from a graph backend)."""
+    return getattr(out, "extra", None)
+
+
 class TorchBackend:
     """A ConvVAE and its ``AnomalyHead`` on ``device``; ``precision`` as ``utils.device.autocast_dtype``.
 
@@ -154,7 +170,7 @@ class TorchBackend:
         extra = {"latent": latent, "kl_term": kl / self.head.numel}
         if samples >= 2:
             extra.update(self._sampled(x, mu, logvar, kl, samples))
-        return out._replace(extra=extra)
+        return HeadOutputWithExtra(out, extra)
 
     @torch.no_grad()
     def raw_maps(self, views: torch.Tensor) -> torch.Tensor:

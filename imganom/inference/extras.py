@@ -2,9 +2,9 @@
 ELBO split into its reconstruction and KL terms, and (with ``uncertainty.samples`` >= 2) the Monte-Carlo
 uncertainty (score spread, uncertainty map, region confidences; ``ops.uncertainty``).
 
-``image_extras`` reduces a chunk's per-view ``HeadOutput.extra`` to one host dict per image (tiles averaged,
-maps resampled to the original size as the anomaly map is); ``attach`` fills a Result from it. The map, the
-score and the verdict are never changed here: only ``verdict`` may read ``review`` (opt-in).
+``image_extras`` reduces a chunk's per-view side outputs (``backends.extras_of``) to one host dict per image
+(tiles averaged, maps resampled to the original size as the anomaly map is); ``attach`` fills a Result from
+it. The map, the score and the verdict are never changed here: only ``verdict`` may read ``review`` (opt-in).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from imganom.inference.backends import extras_of
 from imganom.inference.result import Result
 from imganom.ops.head import HeadOutput, image_scores
 from imganom.ops.uncertainty import mass_shares, region_confidence, region_pixels, score_spread
@@ -36,7 +37,7 @@ def image_extras(
     and, when sampled, ``sample_scores`` (K,), ``recon_std`` (H, W) and ``sample_exceed`` (K, H, W) bool
     (sample map > pixel threshold). ``resample(maps (V, h, w), p)`` -> image p's (H, W) map, as the
     anomaly map is resampled."""
-    ext = ho.extra
+    ext = extras_of(ho)
     if not ext:
         return [{} for _ in spans]
     out = []

@@ -45,9 +45,6 @@ class HeadOutput(NamedTuple):
     maps: torch.Tensor  # (N, h, w) float32: the smoothed map (masks, regions; the score unless score_maps)
     elbo: torch.Tensor  # (N,) float32: negative ELBO per view
     score_maps: torch.Tensor | None  # (N, h, w) standardised smoothed maps (standardize "score"), else None
-    # per-view side outputs of the torch backend (``inference.extras``): latent means, the ELBO's KL term,
-    # Monte-Carlo samples; None from the graph backends
-    extra: dict[str, torch.Tensor] | None = None
 
 
 def image_scores(
