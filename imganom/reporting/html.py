@@ -198,6 +198,7 @@ def write_report(
         "ng": sc.get("ng", counts["ng"]),
         "ok": sc.get("ok", counts["ok"]),
         "error": sc.get("error", counts["error"]),
+        "review": sum(r.get("verdict") == "review" for r in ordered),  # filed under NG/OK as well
     }
     thresholds = summary.get("thresholds") or {}
     known = {"counts", "thresholds", "model", "throughput_img_s", "started", "finished"}
