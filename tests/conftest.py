@@ -50,6 +50,25 @@ def tiny_model(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def latent_model(tiny_model: Path, synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``tiny_model`` recalibrated as ``imganom calibrate`` does (thresholds, plus the normals'
+    latent statistics, ``ops.latent``) on its synthetic train/good images. Read-only."""
+    import shutil
+
+    from imganom.data.discovery import find_images
+    from imganom.formats.modelfile import update_calibration
+    from imganom.inference.inspector import Inspector
+    from imganom.workflows.calibrate import calibrate
+
+    path = tmp_path_factory.mktemp("latent_model") / "model.safetensors"
+    shutil.copy(tiny_model, path)
+    cal, stats = calibrate(Inspector.load(path, device="cpu"), find_images(synth_root / "train" / "good"),
+                           latents=True, keep_stats=True)  # fmt: skip
+    update_calibration(path, cal, stats)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The integration tests' model (serve, watch, export): ``tiny`` trained 3 epochs on 40 synthetic 64 px
     images, calibrated on its held-out split; also an uncalibrated copy. Read-only, like ``tiny_model``."""

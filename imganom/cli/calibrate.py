@@ -67,7 +67,7 @@ def calibrate(
     if labeled is not None:
         lay = scan_mvtec(labeled)
         lab = [(it.path, it.label) for it in lay.test]
-    cal, stats = run_calibrate(insp, paths, cfg, labeled=lab, keep_stats=not restat)
+    cal, stats = run_calibrate(insp, paths, cfg, labeled=lab, keep_stats=not restat, latents=True)
     dest = _store(insp, model, out, cal, stats)
     console.print(
         json.dumps({k: cal[k] for k in ("image_threshold", "pixel_threshold", "n_images", "target_fpr")})

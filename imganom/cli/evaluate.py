@@ -80,6 +80,12 @@ def evaluate(
         f"image AUROC {_f(m['image']['auroc'])}, pixel AUROC {_f(m['pixel']['auroc'])}, "
         f"AUPRO@0.3 {_f(m['pixel']['aupro_0.3'])}; {m['throughput_img_s']:.1f} img/s"
     )
+    lat = m.get("latent") or {}
+    if lat.get("available"):
+        console.print(f"latent (Mahalanobis) AUROC {_f(lat['latent_auroc'])}, "
+                      f"combined with the reconstruction score {_f(lat.get('combined_auroc'))}")  # fmt: skip
+    else:
+        console.print(f"latent score: {lat.get('reason', 'not computed')}")
     for w in m["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(

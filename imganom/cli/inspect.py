@@ -62,6 +62,12 @@ def inspect(
     sequences: str | None = typer.Option(None, "--sequences", help="Volumes: stack <subject>_<seq>.nii.gz "
                                          "files of the input folders per subject, e.g. t1,t2,flair."),
     per_slice: bool = typer.Option(False, "--per-slice", help="Volumes: also one row per slice."),
+    latents: bool = typer.Option(
+        False, "--latents", help="Record each image's latent mean (results.jsonl 'latent', OUT/latents.npy)."
+    ),
+    explain: bool = typer.Option(
+        False, "--explain", help="Write reconstruction and residual PNGs (explain/) for the overlaid images."
+    ),
     verbose: VerboseOpt = False,
 ) -> None:
     """Inspect images; writes results.csv/jsonl, masks, heatmaps, overlays, summary.json and report.html."""
@@ -76,6 +82,8 @@ def inspect(
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
     as_volumes = volumes or axis is not None or channels or bool(sequences) or per_slice
+    if latents and (as_volumes or engine != "local"):
+        fail("--latents records images on --engine local (not volumes, not --engine ray)")
     if as_volumes and engine != "local":
         fail("--engine ray inspects images and slices; volumes (--volumes, --axis, --channels, --sequences, "
              "--per-slice) run on --engine local")  # fmt: skip
@@ -99,7 +107,7 @@ def inspect(
             "batch_size": batch_size,
             "resume": resume,
             "report": not no_report,
-            "options": OutputOptions(raw_maps=raw_maps, overlays=overlays),
+            "options": OutputOptions(raw_maps=raw_maps, overlays=overlays, explain=explain),
             "on_progress": on_progress,
         }
         try:
@@ -117,12 +125,14 @@ def inspect(
                 ray_opts = (ray_address, actors, gpus_per_actor)
                 _, summary = inspect_on_ray(model, insp, inputs, out, ray_opts, common)
             else:
-                _, summary = run_inspect(insp, inputs, out, workers=workers, **common)
+                _, summary = run_inspect(insp, inputs, out, workers=workers, latents=latents, **common)
         except (FileNotFoundError, ImportError) as e:
             fail(str(e))
     c, what = summary["counts"], "volumes" if "volumes" in summary else "images"
     console.print(
-        f"{c['total']} {what}: {c['ok']} OK, {c['ng']} NG, {c['error']} errors"
+        f"{c['total']} {what}: {c['ok']} OK, {c['ng']} NG, "
+        + (f"{c['review']} review, " if c.get("review") else "")
+        + f"{c['error']} errors"
         + (f" ({c['resumed']} from a previous run)" if c["resumed"] else "")
         + (f"; {summary['throughput_img_s']:.1f} img/s" if summary["throughput_img_s"] else "")
     )

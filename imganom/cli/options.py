@@ -58,6 +58,21 @@ BackendOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", min=1, help="Inference threads of the backend (default: its own).")
 ]
+UncertaintyOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--uncertainty-samples", min=1, max=256,
+        help="Monte-Carlo latent samples per image (torch backend): uncertainty map, region and verdict "
+        "confidence. 1 = off. Default: the model's uncertainty.samples.",
+    ),
+]  # fmt: skip
+ReviewBelowOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--review-below", min=0.0, max=1.0,
+        help="Verdicts whose confidence is below this read 'review' (needs --uncertainty-samples >= 2).",
+    ),
+]  # fmt: skip
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1)]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive")]
@@ -97,6 +112,8 @@ class ModelOptions:
     roi: Path | None = None
     backend: str | None = None
     threads: int | None = None
+    uncertainty: int | None = None
+    review_below: float | None = None
 
     def load(self, *, require_calibrated: bool = False) -> Inspector:
         """The inspector for ``--model`` (an ``.onnx`` export runs in onnxruntime), threshold overrides and
@@ -130,6 +147,12 @@ class ModelOptions:
             )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))
+        if insp.uncertainty >= 2 and insp.model is None:
+            name = insp.backend_info["name"]
+            console.print(f"[yellow]warning:[/yellow] the {name} backend runs a deterministic graph: "
+                          "no Monte-Carlo uncertainty (use --backend torch)")  # fmt: skip
+        elif insp.review_below is not None and insp.uncertainty < 2:
+            console.print("[yellow]warning:[/yellow] --review-below needs --uncertainty-samples >= 2")
         if not insp.calibrated:
             if require_calibrated:
                 fail("model is not calibrated (no image/pixel thresholds): run imganom calibrate first")
@@ -150,6 +173,8 @@ _MODEL_OPTIONS = {  # ModelOptions field -> (annotation with its typer option, d
     "roi": (RoiOpt, None),
     "backend": (BackendOpt, None),
     "threads": (ThreadsOpt, None),
+    "uncertainty": (UncertaintyOpt, None),
+    "review_below": (ReviewBelowOpt, None),
 }
 
 

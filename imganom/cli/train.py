@@ -102,7 +102,7 @@ def train(
 
             cal_paths = training_images(data)[0]
         insp = Inspector.load(res.model_path, device=device)
-        cal, stats = calibrate(insp, cal_paths, stats_paths=res.train_paths or None)
+        cal, stats = calibrate(insp, cal_paths, stats_paths=res.train_paths or None, latents=True)
         update_calibration(res.model_path, cal, stats)
         console.print(
             f"calibrated on {cal['n_images']} held-out normal images: image threshold "

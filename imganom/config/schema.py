@@ -194,6 +194,16 @@ class CalibrationConfig(_Strict):
     pixel_quantile: float = Field(0.999, gt=0.5, lt=1)
 
 
+class UncertaintyConfig(_Strict):
+    """Monte-Carlo uncertainty (``ops.uncertainty``): ``samples`` latent draws per image give an uncertainty
+    map, a confidence per region and per verdict; 1 = off (today's results, no extra work). The map and the
+    score always come from the posterior mean: sampling only adds the uncertainty.
+    ``review_below``: a verdict whose confidence is below this becomes ``review`` (opt-in; None = never)."""
+
+    samples: int = Field(1, ge=1, le=256)
+    review_below: float | None = Field(None, gt=0, lt=1)
+
+
 class Config(_Strict):
     """The whole tree. ``name`` is free text carried into model files and reports."""
 
@@ -206,6 +216,7 @@ class Config(_Strict):
     map: MapConfig = MapConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    uncertainty: UncertaintyConfig = UncertaintyConfig()
 
     @field_validator("map", mode="before")
     @classmethod

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from imganom.data.discovery import MVTecItem, MVTecLayout, scan_mvtec
 from imganom.data.readers import ImageMeta, ImageReadError, read_image, read_options
 from imganom.evaluation.report import write_evaluation_report
+from imganom.evaluation.trust import confidence_metrics, latent_metrics
 from imganom.evaluation.worst import WorstCases, thumb, write_worst
 from imganom.inference.inspector import Result
 from imganom.ops.metrics import EvalAccumulator, downsample_curve
@@ -144,6 +145,11 @@ def describe_model(insp: Any) -> dict[str, Any]:
     }
 
 
+def _calibration(insp: Any) -> dict | None:
+    """The predictor's calibration (an Inspector's model file), if it has one."""
+    return getattr(getattr(insp, "meta", None), "calibration", None)
+
+
 def _read_kwargs(insp: Any) -> dict[str, Any]:
     return read_options(insp.cfg.preprocess)
 
@@ -218,6 +224,7 @@ def evaluate(
     acc: EvalAccumulator | None = None
     fps, fns = WorstCases(worst), WorstCases(worst)
     rows: list[tuple[str, int, str, float]] = []  # id, label, type, score
+    latents, confidences = [], []  # per row: latent mean, verdict confidence (evaluation.trust)
     errors: list[dict[str, str]] = []
     resized, unreadable, empty, missing = [], [], [], set(layout.missing_masks)
     n_with_mask = done = 0
@@ -257,6 +264,8 @@ def evaluate(
                 if not gt.any():
                     empty.append(it.id)
             rows.append((it.id, it.label, it.defect_type, r.score))
+            latents.append(r.latent)
+            confidences.append(r.confidence)
             flagged = thr_i is not None and r.score >= thr_i
             heap, key = (fps, r.score) if it.label == 0 else (fns, -r.score)
             if heap.wants(key):
@@ -322,6 +331,8 @@ def evaluate(
         "worst": worst_out,
         "curves": curves,
         "histogram_rule": HISTOGRAM_RULE,
+        "latent": latent_metrics(getattr(insp, "stats", {}), _calibration(insp), scores, labels, latents),
+        "uncertainty": confidence_metrics(scores, labels, confidences, thr_i),
         "dataset": {"root": str(layout.root), "defect_types": layout.defect_types},
         "settings": {"batch_size": batch_size, "workers": workers, "bins": bins, "fpr_limit": FPR_LIMIT},
         "started": started.isoformat(timespec="seconds"),

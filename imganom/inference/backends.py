@@ -39,6 +39,22 @@ from imganom.ops.head import AnomalyHead, HeadOutput
 from imganom.utils.device import autocast_dtype, resolve_device
 
 
+class HeadOutputWithExtra(HeadOutput):
+    """A ``HeadOutput`` (the same 3-tuple: code that unpacks it is unaffected) with ``extra``, the torch
+    backend's per-view side outputs (``inference.extras``): latent means, the ELBO's KL term, Monte-Carlo
+    samples. Graph backends return a plain ``HeadOutput`` (``extras_of`` gives None)."""
+
+    def __new__(cls, out: HeadOutput, extra: dict[str, torch.Tensor]) -> HeadOutputWithExtra:
+        self = super().__new__(cls, *out)
+        self.extra = extra
+        return self
+
+
+def extras_of(out: HeadOutput) -> dict[str, torch.Tensor] | None:
+    """The side outputs of a backend's ``HeadOutput`` (None from a graph backend)."""
+    return getattr(out, "extra", None)
+
+
 class TorchBackend:
     """A ConvVAE and its ``AnomalyHead`` on ``device``; ``precision`` as ``utils.device.autocast_dtype``.
 
@@ -95,8 +111,11 @@ class TorchBackend:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
-    def _forward(self, views: torch.Tensor) -> tuple[torch.Tensor, Iterator[torch.Tensor], torch.Tensor]:
-        """(x on the device, its reconstructions one at a time: posterior mean then MC draws, KL per view)."""
+    def _forward(
+        self, views: torch.Tensor
+    ) -> tuple[torch.Tensor, Iterator[torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(x on the device, its reconstructions one at a time: posterior mean then MC draws, KL per view,
+        the posterior (mu, logvar))."""
         x = views.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -108,24 +127,56 @@ class TorchBackend:
             if self.head.mc_samples:
                 gen = torch.Generator(device=self.device).manual_seed(0)
                 for _ in range(self.head.mc_samples):
-                    with self._autocast():
-                        r = self.model.decode(self.model.sample(mu, logvar, generator=gen))
-                    yield r  # outside autocast: the map is computed in fp32
+                    yield self._decode_sample(mu, logvar, gen)  # the map is computed in fp32
 
-        return x, recons(), kl_divergence(mu.float(), logvar.float())
+        return x, recons(), kl_divergence(mu.float(), logvar.float()), (mu, logvar)
+
+    def _decode_sample(self, mu: torch.Tensor, logvar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One reparameterised draw per row of ``mu``, decoded (under autocast)."""
+        with self._autocast():
+            return self.model.decode(self.model.sample(mu, logvar, generator=gen))
+
+    def _sampled(
+        self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl: torch.Tensor, k: int
+    ) -> dict[str, torch.Tensor]:
+        """``k`` latent draws per view in one decoder batch -> their head outputs (``sample_maps``
+        (k, N, h, w), ``sample_score_maps`` or absent, ``sample_elbo`` (k, N)) and the per-pixel standard
+        deviation of the k reconstructions, channel-averaged (``recon_std`` (N, h, w)). Seeded: the same
+        views give the same draws."""
+        n = x.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(1)
+        rep = (k,) + (1,) * (mu.dim() - 1)
+        recon = self._decode_sample(mu.repeat(rep), logvar.repeat(rep), gen).float()
+        out = self.head.finish(self.head.raw_map(x.repeat(k, 1, 1, 1), [recon]), kl.repeat(k))
+        h, w = out.maps.shape[-2:]
+        ext = {
+            "sample_maps": out.maps.reshape(k, n, h, w),
+            "sample_elbo": out.elbo.reshape(k, n),
+            "recon_std": recon.reshape(k, n, *recon.shape[1:]).std(0).mean(1),
+        }
+        if out.score_maps is not None:
+            ext["sample_score_maps"] = out.score_maps.reshape(k, n, h, w)
+        return ext
 
     @torch.no_grad()
-    def maps(self, views: torch.Tensor) -> HeadOutput:
+    def maps(self, views: torch.Tensor, samples: int = 1) -> HeadOutput:
         """Views (N, C, h, w) on any device -> smoothed model-resolution maps (N, h, w) fp32 on the device,
-        the per-view negative ELBO and, with ``map.standardize == "score"``, the score maps."""
-        x, recons, kl = self._forward(views)
-        return self.head.finish(self.head.raw_map(x, recons), kl)
+        the per-view negative ELBO and, with ``map.standardize == "score"``, the score maps. ``extra``: the
+        latent means (N, D; spatial latents averaged over space), the ELBO's KL term (KL / (C*H*W), N) and,
+        with ``samples`` >= 2, ``_sampled``'s Monte-Carlo outputs; the maps do not depend on ``samples``."""
+        x, recons, kl, (mu, logvar) = self._forward(views)
+        out = self.head.finish(self.head.raw_map(x, recons), kl)
+        latent = mu.float().flatten(1) if mu.dim() == 2 else mu.float().mean((2, 3))
+        extra = {"latent": latent, "kl_term": kl / self.head.numel}
+        if samples >= 2:
+            extra.update(self._sampled(x, mu, logvar, kl, samples))
+        return HeadOutputWithExtra(out, extra)
 
     @torch.no_grad()
     def raw_maps(self, views: torch.Tensor) -> torch.Tensor:
         """Unsmoothed, unstandardised single-scale maps (N, h, w) (Monte-Carlo mean included): what the
         normal-map statistics are measured on."""
-        x, recons, _ = self._forward(views)
+        x, recons, _, _ = self._forward(views)
         return self.head.raw_map(x, recons, smooth=False)
 
 
@@ -246,8 +297,10 @@ class GraphBackend:
             "and export it again"
         )
 
-    def maps(self, views: torch.Tensor) -> HeadOutput:
-        """Views (N, C, h, w) -> smoothed maps (N, h, w), ELBO (N,) and score maps (or None), float32 CPU."""
+    def maps(self, views: torch.Tensor, samples: int = 1) -> HeadOutput:
+        """Views (N, C, h, w) -> smoothed maps (N, h, w), ELBO (N,) and score maps (or None), float32 CPU.
+        The graph is deterministic and has no latent outputs: no ``extra`` (no uncertainty, latents or ELBO
+        decomposition), whatever ``samples``."""
         x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
         out = [torch.from_numpy(o) for o in self._run(x)]
         return HeadOutput(out[0], out[1], out[2] if len(out) > 2 else None)

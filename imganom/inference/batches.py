@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from imganom.data.preprocess import Geometry, prepare, to_original
 from imganom.data.readers import ImageMeta
+from imganom.inference.extras import attach, image_extras
 from imganom.inference.pipeline import HostCopy, Prefetcher, host_map, overlapped, pipelined, run_adaptive
 from imganom.inference.result import Result
 from imganom.ops.device_post import binarize_t
@@ -48,6 +49,7 @@ class Batch:
     stats: HostCopy | None = None  # stats blocks on their way back: score, finite, elbo, mask nonempty
     stat_pos: dict[int, int] = field(default_factory=dict)  # block index -> position in ``stats``
     host: HostCopy | None = None  # all blocks on their way back (maps="all")
+    extras: dict[int, dict] = field(default_factory=dict)  # image -> host side outputs (inference.extras)
     error: Exception | None = None
 
 
@@ -71,7 +73,8 @@ def host_views(insp: Inspector, batch: Batch) -> torch.Tensor | None:
 def _chunk_groups(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]) -> list[tuple]:
     """Device maps for images ``idx`` at original size, grouped by shape: [(positions, HeadOutput)]."""
     s, e = batch.offsets[idx[0]], batch.offsets[idx[-1] + 1]
-    maps, elbo, smaps = insp.model_maps_scored(x[s:e])
+    ho = insp.model_maps_scored(x[s:e])
+    maps, elbo, smaps = ho.maps, ho.elbo, ho.score_maps
     geoms = [batch.geoms[i] for i in idx]
     g0 = geoms[0]
     if all(g.mode == "stretch" and g.original == g0.original for g in geoms):  # one view each: batched
@@ -83,9 +86,13 @@ def _chunk_groups(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]
                 return m
             return F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
+        spans = [(p, p + 1) for p in range(len(idx))]
+        batch.extras.update(zip(idx, image_extras(insp, ho, spans, lambda m, p: up(m)[0])))
         return [
             (list(range(len(idx))), HeadOutput(up(maps), elbo.double(), None if smaps is None else up(smaps)))
         ]
+    spans = [(batch.offsets[i] - s, batch.offsets[i + 1] - s) for i in idx]
+    batch.extras.update(zip(idx, image_extras(insp, ho, spans, lambda m, p: to_original(m, geoms[p]))))
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     amaps, elbos, smaps_o = [], [], []
     for p, i in enumerate(idx):
@@ -180,7 +187,14 @@ def _fetch(
 
 
 def collect(insp: Inspector, batch: Batch, keep_image: bool) -> list[Result]:
-    """Wait for one batch's copies, then score/verdict, masks and regions on the host."""
+    """Wait for one batch's copies, then score/verdict, masks and regions on the host; side outputs
+    (latent, explanation, uncertainty) attached."""
+    results = _collect(insp, batch, keep_image)
+    return [attach(insp, r, batch.extras.get(j)) for j, r in enumerate(results)]
+
+
+def _collect(insp: Inspector, batch: Batch, keep_image: bool) -> list[Result]:
+    """``collect`` without the side outputs."""
     n = len(batch.items)
     if n == 0:
         return []

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from imganom.data.preprocess import prepare, to_original
 from imganom.data.readers import ImageMeta
 from imganom.formats.modelfile import ModelMeta
 from imganom.inference import batches
@@ -73,6 +74,8 @@ class Inspector:
         maps: str = "all",
         compile: bool = False,
         compile_mode: str | None = None,
+        uncertainty: int | None = None,
+        review_below: float | None = None,
     ):
         if maps not in MAPS:
             raise ValueError(f"maps must be 'all', 'ng' or 'none', got {maps!r}")
@@ -95,6 +98,13 @@ class Inspector:
         self.image_threshold = image_threshold if image_threshold is not None else src.get("image_threshold")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else src.get("pixel_threshold")
         self.score_scale = float(cal.get("score_scale") or 0.0) or None
+        ucfg = self.cfg.uncertainty  # Monte-Carlo samples per view and the review cut (ops.uncertainty)
+        self.uncertainty = int(uncertainty if uncertainty is not None else ucfg.samples)
+        self.review_below = review_below if review_below is not None else ucfg.review_below
+        if self.uncertainty < 1:
+            raise ValueError(f"uncertainty samples must be >= 1, got {self.uncertainty}")
+        if self.review_below is not None and not 0 < self.review_below < 1:
+            raise ValueError(f"review_below must be in (0, 1), got {self.review_below}")
 
     @classmethod
     def load(
@@ -131,7 +141,8 @@ class Inspector:
 
     def _derive(self, backend: Backend, meta: ModelMeta, **kw: Any) -> Inspector:
         """A new Inspector on ``backend``/``meta`` with this one's settings unless given in ``kw``."""
-        kw = {"roi": self.roi, "maps": self.maps, "threshold_source": self.threshold_source, **kw}
+        kw = {"roi": self.roi, "maps": self.maps, "threshold_source": self.threshold_source,
+              "uncertainty": self.uncertainty, "review_below": self.review_below, **kw}  # fmt: skip
         new = type(self)(backend, meta, **kw)
         new.device_postprocess, new.adaptive = self.device_postprocess, self.adaptive
         return new
@@ -149,8 +160,10 @@ class Inspector:
         return self._derive(backend, meta, threshold_source="normal")
 
     def with_options(self, **kw: Any) -> Inspector:
-        """A new Inspector with other ``roi``, ``maps``, ``image_threshold`` or ``pixel_threshold``."""
-        unknown = set(kw) - {"roi", "maps", "image_threshold", "pixel_threshold"}
+        """A new Inspector with other ``roi``, ``maps``, ``image_threshold``, ``pixel_threshold``,
+        ``uncertainty`` (Monte-Carlo samples) or ``review_below``."""
+        known = {"roi", "maps", "image_threshold", "pixel_threshold", "uncertainty", "review_below"}
+        unknown = set(kw) - known
         if unknown:
             raise TypeError(f"with_options: unknown option(s) {sorted(unknown)}")
         kw = {"image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold, **kw}
@@ -205,8 +218,9 @@ class Inspector:
 
     # ---- device work -------------------------------------------------------------------------------------
     def model_maps_scored(self, views: torch.Tensor) -> HeadOutput:
-        """Views (N, C, h, w) -> (maps (N, h, w), ELBO (N,), score maps or None) from the backend."""
-        return self.backend.maps(views)
+        """Views (N, C, h, w) -> (maps (N, h, w), ELBO (N,), score maps or None, side outputs) from the
+        backend, with ``uncertainty`` Monte-Carlo samples where the backend can draw them (torch)."""
+        return self.backend.maps(views, samples=self.uncertainty)
 
     def model_maps(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Smoothed model-resolution maps (N, h, w) fp32 on the device, and the per-view negative ELBO."""
@@ -217,6 +231,18 @@ class Inspector:
         """Unsmoothed, unstandardised single-scale maps (N, h, w): what normal-map statistics measure."""
         with self.backend.lock:
             return self.backend.raw_maps(views)
+
+    @torch.no_grad()
+    def reconstruct(self, chw: np.ndarray) -> np.ndarray:
+        """The posterior-mean reconstruction (C, H, W) in [0, 1] of a normalised CHW input, at its original
+        size (what the model thinks a normal part looks like here). Torch backend only."""
+        if self.backend.model is None:
+            raise RuntimeError(f"reconstructions need the torch backend (this one is {self.backend.kind})")
+        views, geom = prepare(chw, self.cfg.preprocess)
+        with self.backend.lock:
+            _, _, rec = self.backend.model.reconstruct(torch.from_numpy(views).to(self.device))
+        rec = rec.float()
+        return np.stack([to_original(rec[:, c], geom).cpu().numpy() for c in range(rec.shape[1])])
 
     # ---- ROI, scores, results ----------------------------------------------------------------------------
     def roi_for(self, shape: tuple[int, int]) -> np.ndarray | None:

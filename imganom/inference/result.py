@@ -10,6 +10,7 @@ import numpy as np
 from imganom.data.readers import ImageMeta
 from imganom.ops.postprocess import Region
 from imganom.ops.thresholds import normalize_score
+from imganom.ops.uncertainty import verdict_confidence
 
 
 @dataclass
@@ -28,9 +29,31 @@ class Result:
     meta: ImageMeta | None = None
     image: np.ndarray | None = None  # the normalised CHW input, for overlays
     size: tuple[int, int] | None = None  # (H, W) of the original; needed when anomaly_map is None
+    # torch backend only (``inference.extras``): latent mean, ELBO decomposition + region shares;
+    # with uncertainty.samples >= 2: the sample scores' spread, the reconstruction's per-pixel spread (H, W)
+    latent: np.ndarray | None = None
+    explanation: dict[str, Any] | None = None
+    score_spread: float | None = None
+    uncertainty_map: np.ndarray | None = None
+    review_below: float | None = None  # confidence under which the verdict reads "review" (opt-in)
+
+    @property
+    def confidence(self) -> float | None:
+        """Confidence in the verdict, in [0, 1] (``ops.uncertainty.verdict_confidence``); None when not
+        sampled or uncalibrated."""
+        return verdict_confidence(self.score, self.thresholds.get("image"), self.score_spread)
+
+    @property
+    def review(self) -> bool:
+        """Low confidence near the threshold and ``review_below`` set: a person should look."""
+        c = self.confidence
+        return self.review_below is not None and c is not None and c < self.review_below
 
     @property
     def verdict(self) -> str:
+        """"NG" | "OK", or "review" where ``review`` (``is_anomalous`` still holds the thresholded call)."""
+        if self.review:
+            return "review"
         return "NG" if self.is_anomalous else "OK"
 
     def to_dict(self, regions: bool = True) -> dict[str, Any]:
@@ -47,6 +70,11 @@ class Result:
             "size": list(self.anomaly_map.shape if self.anomaly_map is not None else self.size or ()),
             "timing_ms": self.timing,
         }
+        if self.score_spread is not None:
+            d.update(confidence=self.confidence, score_spread=self.score_spread)
+            d["is_anomalous"] = self.is_anomalous
+        if self.explanation is not None:
+            d["explanation"] = self.explanation
         if regions:
             d["regions"] = [r.to_dict() for r in self.regions]
         return d

@@ -29,9 +29,11 @@ class Region:
     centroid: tuple[float, float]  # x, y
     peak: float  # max map value in the region
     mean: float  # mean map value in the region
+    confidence: float | None = None  # fraction of Monte-Carlo samples where it exceeds (ops.uncertainty)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain Python ints/floats, lists for tuples)."""
+        """JSON-safe dict (plain Python ints/floats, lists for tuples); ``confidence`` only when measured."""
+        conf = {} if self.confidence is None else {"confidence": float(self.confidence)}
         return {
             "id": int(self.id),
             "bbox": [int(v) for v in self.bbox],
@@ -40,6 +42,7 @@ class Region:
             "centroid": [float(v) for v in self.centroid],
             "peak": float(self.peak),
             "mean": float(self.mean),
+            **conf,
         }
 
 

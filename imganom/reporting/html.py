@@ -22,6 +22,7 @@ from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore, review_stats
 from imganom.utils.files import atomic_write_bytes, to_jsonable
 from imganom.utils.version import __version__
 
+IMAGE_KINDS = ("preview", "overlay", "mask", "uncertainty", "reconstruction", "residual")
 MAX_REGIONS_IN_REPORT = 50  # per row, for the lightbox table; keeps the embedded JSON small
 HIST_BINS = 40
 HIST_BASE, HIST_PLOT_H = 140.0, 130.0  # SVG y of the x axis and height of the tallest bar
@@ -30,6 +31,8 @@ HIST_BASE, HIST_PLOT_H = 140.0, 130.0  # SVG y of the x axis and height of the t
 def category(row: dict) -> str:
     if row.get("status") == "error":
         return "error"
+    if row.get("verdict") == "review":  # low confidence (ops.uncertainty): filed under its thresholded call
+        return "ng" if (row.get("uncertainty") or {}).get("is_anomalous") else "ok"
     return "ng" if row.get("verdict") == "NG" else "ok"
 
 
@@ -61,8 +64,36 @@ def card_data(row: dict) -> dict:
         "nreg": row.get("n_regions"),
         "maxarea": row.get("max_region_area"),
         "error": row.get("error"),
-        "img": {k: quote(str(outputs[k])) for k in ("preview", "overlay", "mask") if outputs.get(k)},
+        "img": {k: quote(str(outputs[k])) for k in IMAGE_KINDS if outputs.get(k)},
         "regions": (row.get("regions") or [])[:MAX_REGIONS_IN_REPORT],
+        "conf": _num(row.get("confidence")),
+        "review": row.get("verdict") == "review",
+        "expl": row.get("explanation"),
+    }
+
+
+def _latent_view(view: dict | None, rows: list[dict]) -> dict | None:
+    """The 2-D latent projection laid out for a 1000 x 420 SVG viewBox: ``normals`` [[x, y]] (the training
+    normals' PCA points) and ``points`` {id: [x, y]} of the inspected images; ``note`` instead when the
+    model has no latent statistics."""
+    if view is None or view.get("note"):
+        return view
+    normals, points = view["normals"], view["points"]
+    xy = list(normals) + list(points.values())
+    if not xy:
+        return None
+    xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx, sy = 960 / max(x1 - x0, 1e-9), 380 / max(y1 - y0, 1e-9)
+
+    def at(p: list[float]) -> list[float]:
+        return [round(20 + (p[0] - x0) * sx, 1), round(400 - (p[1] - y0) * sy, 1)]
+
+    cats = {str(r.get("id")): category(r) for r in rows}
+    return {
+        "normals": [at(p) for p in normals],
+        "points": [{"id": k, "xy": at(p), "cat": cats.get(k, "ok")} for k, p in points.items()],
+        "basis": view.get("basis", "PCA of the normals' latent means"),
     }
 
 
@@ -144,14 +175,19 @@ def render_page(template: str, path: Path, **context: Any) -> Path:
 
 
 def write_report(
-    out_dir: Path, rows: list[dict], summary: dict, title: str = "imganom inspection report"
+    out_dir: Path,
+    rows: list[dict],
+    summary: dict,
+    title: str = "imganom inspection report",
+    latent_view: dict | None = None,
 ) -> Path:
     """Render ``out_dir/report.html`` (atomically) from result rows and the run summary; returns its path.
 
     ``rows`` are results.jsonl rows (output paths relative to ``out_dir``); ``summary`` holds ``counts``,
     ``thresholds`` {image, pixel}, ``model`` {id, name}, ``throughput_img_s``, ``started``, ``finished``;
     other scalar entries are listed under "Run details". The histogram uses ``score`` against the image
-    threshold.
+    threshold. ``latent_view``: {``normals``: [[x, y]], ``points``: {id: [x, y]}} (the latent projection,
+    ``ops.latent.project``) or {``note``: why there is none}.
     """
     out_dir = Path(out_dir)
     ordered = sorted(rows, key=_sort_key)
@@ -172,6 +208,7 @@ def write_report(
         "ng": sc.get("ng", counts["ng"]),
         "ok": sc.get("ok", counts["ok"]),
         "error": sc.get("error", counts["error"]),
+        "review": sum(r.get("verdict") == "review" for r in ordered),  # filed under NG/OK as well
     }
     thresholds = summary.get("thresholds") or {}
     known = {"counts", "thresholds", "model", "throughput_img_s", "started", "finished"}
@@ -191,4 +228,5 @@ def write_report(
         hist=_histogram(ordered, _num(thresholds.get("image"))),
         data=_json_for_script(cards),
         reviews=reviews,
+        latent=_latent_view(latent_view, ordered),
     )

@@ -19,7 +19,7 @@ from imganom.utils.files import atomic_write_bytes, to_jsonable
 
 CSV_COLUMNS = (
     "id", "path", "status", "verdict", "score", "norm_score", "n_regions", "max_region_area",
-    "image_threshold", "pixel_threshold", "model_id", "time_ms", "error",
+    "image_threshold", "pixel_threshold", "model_id", "time_ms", "error", "confidence",
 )  # fmt: skip
 
 

@@ -264,6 +264,7 @@ class OutputOptions:
     previews: bool = True
     raw_maps: str | None = None
     max_preview_side: int = 512
+    explain: bool = False  # reconstruction + residual PNGs for the images that get an overlay
 
     def __post_init__(self) -> None:
         if self.raw_maps not in (None, "npy", "png16"):
@@ -327,4 +328,33 @@ def write_item_outputs(
     elif options.raw_maps == "png16":
         scaled = np.clip(np.nan_to_num(amap) / max(float(vmax), 1e-12), 0.0, 1.0) * 65535.0
         put("raw_map", f"raw/{stem}.png", encode_png(np.rint(scaled).astype(np.uint16)))
+    return written
+
+
+def write_trust_outputs(
+    out_dir: Path,
+    item_id: str,
+    uncertainty_map: np.ndarray | None = None,
+    preview: np.ndarray | None = None,
+    recon: np.ndarray | None = None,
+) -> dict[str, str]:
+    """The uncertainty map (``uncertainty/<stem>.png``: the reconstruction's per-pixel spread coloured over
+    [0, its max]) and, given the input ``preview`` and its reconstruction ``recon`` (uint8 previews of one
+    size), ``explain/<stem>_recon.png`` and ``explain/<stem>_residual.png`` (|input - recon|, channel mean,
+    coloured over [0, its 99.9th percentile]). Returns ``{kind: relative posix path}``."""
+    out_dir, stem, written = Path(out_dir), output_stem(item_id), {}
+
+    def put(kind: str, rel: str, data: bytes) -> None:
+        atomic_write_bytes(out_dir / rel, data)
+        written[kind] = rel
+
+    if uncertainty_map is not None:
+        u = np.asarray(uncertainty_map, np.float32)
+        put("uncertainty", f"uncertainty/{stem}.png", heatmap_png(u, 0.0, max(float(u.max()), 1e-6)))
+    if preview is not None and recon is not None:
+        rec = _as_rgb(recon)
+        put("reconstruction", f"explain/{stem}_recon.png", encode_png(rec))
+        res = np.abs(_as_rgb(preview).astype(np.float32) - rec.astype(np.float32)).mean(-1) / 255.0
+        put("residual", f"explain/{stem}_residual.png",
+            heatmap_png(res, 0.0, max(float(np.percentile(res, 99.9)), 1e-3)))  # fmt: skip
     return written

@@ -40,7 +40,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
-        self.verdicts = {"OK": 0, "NG": 0}
+        self.verdicts = {"OK": 0, "NG": 0, "review": 0}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
 

@@ -17,6 +17,9 @@ class RegionOut(BaseModel):
     centroid: list[float]
     peak: float
     mean: float
+    confidence: float | None = Field(
+        None, description="fraction of Monte-Carlo samples in which the region exceeds the pixel threshold"
+    )
 
 
 class Thresholds(BaseModel):
@@ -41,8 +44,16 @@ class InspectResponse(BaseModel):
     id: str = Field(description="request id (X-Request-ID header if the client sent a valid one)")
     score: float
     norm_score: float = Field(description="score mapped to [0, 1] with the image threshold at 0.5")
-    verdict: Literal["OK", "NG"]
-    is_anomalous: bool
+    verdict: Literal["OK", "NG", "review"] = Field(
+        description="'review' (opt-in: uncertainty.review_below) when confidence is low near the threshold"
+    )
+    is_anomalous: bool = Field(description="the thresholded call (score > threshold), also under 'review'")
+    confidence: float | None = Field(
+        None, description="confidence in the verdict in [0, 1] (Monte-Carlo uncertainty; None when off)"
+    )
+    explanation: dict | None = Field(
+        None, description="ELBO = recon_term + kl_term, score rule, top regions' share of the anomaly mass"
+    )
     n_regions: int
     regions: list[RegionOut] | None = Field(None, description="omitted when regions=false")
     thresholds: Thresholds

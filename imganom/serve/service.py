@@ -297,6 +297,8 @@ class Service:
             norm_score=r.norm_score,
             verdict=r.verdict,
             is_anomalous=r.is_anomalous,
+            confidence=r.confidence,
+            explanation=r.explanation,
             n_regions=len(r.regions),
             regions=[RegionOut(**g.to_dict()) for g in r.regions] if opts["regions"] else None,
             thresholds=Thresholds(image=thr_i, pixel=thr_p),

@@ -22,6 +22,7 @@ from imganom.config import CalibrationConfig
 from imganom.data.preprocess import prepare
 from imganom.data.readers import ImageReadError, read_image, read_options
 from imganom.inference.inspector import Inspector
+from imganom.ops.latent import fit_latent_stats
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
 
@@ -90,13 +91,17 @@ def normal_scores(
     batch_size: int = 16,
     pixel_capacity: int = 2_000_000,
     seed: int = 0,
+    latents: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and a uniform sample of pixel scores over the given normal images."""
+    """Image scores and a uniform sample of pixel scores over the given normal images; their latent means
+    are appended to ``latents`` when given (and the backend has them)."""
     scores, res = [], ReservoirSampler(pixel_capacity, seed)
     for chunk in _chunks(_decoded(insp, paths), batch_size):
         for r in insp.predict_arrays(chunk):
             scores.append(r.score)
             res.add(r.anomaly_map.ravel())
+            if latents is not None and r.latent is not None:
+                latents.append(r.latent)
     if not scores:
         raise ValueError("calibration: none of the given images could be read")
     return np.asarray(scores), res.sample()
@@ -123,6 +128,7 @@ def calibrate(
     batch_size: int = 16,
     stats_paths: Sequence[Path] | None = None,
     keep_stats: bool = False,
+    latents: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Compute calibration on normal ``paths``; returns (calibration dict for the model file, stats tensors).
 
@@ -132,7 +138,9 @@ def calibrate(
     training: the training images, up to ``MAX_STATS_IMAGES``), else from every other image of ``paths``,
     whose remaining half then sets the thresholds. ``keep_stats``: reuse the model's statistics when it has
     them (recalibrating thresholds only, on all of ``paths``). ``insp`` is not changed: apply the result
-    with ``insp.with_calibration(cal, stats)`` or write it to the model file (``update_calibration``)."""
+    with ``insp.with_calibration(cal, stats)`` or write it to the model file (``update_calibration``).
+    ``latents``: also fit the normals' latent statistics (``ops.latent``) on the latent means of the images
+    that set the thresholds (no extra pass; torch backend) and return them among the stats tensors."""
     cfg = cfg or insp.cfg.calibration
     t0 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
@@ -157,7 +165,10 @@ def calibrate(
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
     scorer = insp.with_calibration(stats=stats) if stats else insp
-    scores, pix = normal_scores(scorer, paths, batch_size)
+    zs: list[np.ndarray] = []
+    scores, pix = normal_scores(scorer, paths, batch_size, latents=zs if latents else None)
+    if len(zs) >= 3:  # the normals' latent space (ops.latent): Mahalanobis score, 2-D view
+        stats = {**stats, **fit_latent_stats(np.stack(zs))}
     thr, info = quantile_upper_bound(scores, cfg.target_fpr, cfg.confidence)
     pthr = pixel_threshold(pix, cfg.pixel_quantile)
     scale = float(np.std(scores)) or max(abs(thr) * 0.1, 1e-6)

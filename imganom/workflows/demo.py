@@ -43,7 +43,7 @@ def train_demo_model(data: Path, run_dir: Path) -> Path:
 
     res = train(load_config(CONFIG, TRAIN_OVERRIDES), data, run_dir, progress=False)
     insp = Inspector.load(res.model_path)
-    cal, stats = calibrate(insp, res.val_paths, stats_paths=res.train_paths or None)
+    cal, stats = calibrate(insp, res.val_paths, stats_paths=res.train_paths or None, latents=True)
     update_calibration(res.model_path, cal, stats)
     return res.model_path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import io
 import logging
 import os
 import threading
@@ -28,15 +29,17 @@ from imganom.data.discovery import expand_inputs
 from imganom.data.names import printable
 from imganom.data.readers import ImageReadError, count_slices, read_image, read_options, to_uint8_preview
 from imganom.inference.inspector import Inspector, Result
+from imganom.ops.latent import has_latent_stats, project
 from imganom.reporting.results import ResultsWriter
-from imganom.reporting.writers import OutputOptions, heatmap_vmax, write_item_outputs
+from imganom.reporting.writers import OutputOptions, heatmap_vmax, write_item_outputs, write_trust_outputs
 from imganom.utils.batching import batch_or_each
 from imganom.utils.device import precision_label
-from imganom.utils.files import write_json_atomic
+from imganom.utils.files import atomic_write_bytes, write_json_atomic
 
 log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom")
-OUTPUT_FOLDERS = ("masks", "heatmaps", "overlays", "previews", "raw")  # what write_outputs creates under OUT
+# what write_outputs creates under OUT
+OUTPUT_FOLDERS = ("masks", "heatmaps", "overlays", "previews", "raw", "uncertainty", "explain")
 
 
 @dataclass
@@ -169,6 +172,7 @@ def result_row(
             "max_region_area": None,
             "time_ms": None,
             "error": None if error is None else printable(error),
+            "confidence": None,
             "regions": [],
             "outputs": {},
         }
@@ -183,9 +187,16 @@ def result_row(
         "max_region_area": d["max_region_area"],
         "time_ms": round(res.timing.get("total", 0.0), 3),
         "error": None,
+        "confidence": d.get("confidence"),  # with uncertainty.samples >= 2 (ops.uncertainty)
         "regions": d["regions"],
         "outputs": outputs,
         "size": d["size"],
+        **({"explanation": d["explanation"]} if "explanation" in d else {}),
+        **(
+            {"uncertainty": {"samples": insp.uncertainty, "score_spread": d["score_spread"],
+                             "is_anomalous": d["is_anomalous"], "review_below": insp.review_below}}
+            if "score_spread" in d else {}
+        ),  # fmt: skip
     }
 
 
@@ -226,8 +237,11 @@ def run_inspect(
     options: OutputOptions | None = None,
     report: bool = True,
     on_progress: Callable[[InspectStats], None] | None = None,
+    latents: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Inspect all inputs into ``out``; returns (rows in input order, summary)."""
+    """Inspect all inputs into ``out``; returns (rows in input order, summary). ``latents``: each row gets
+    its image's latent mean (``latent``) and ``out/latents.npy`` holds them all, one row per result row
+    (NaN where there is none)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = options or OutputOptions()
@@ -262,7 +276,10 @@ def run_inspect(
                     except Exception as e:  # noqa: BLE001 - a failed write is recorded, not fatal
                         log.error("writing outputs for %s failed: %s", it.id, e)
                         res, err = None, f"{it.path}: writing outputs failed: {e}"
-                writer.write(result_row(insp, it, res, err, outputs))
+                row = result_row(insp, it, res, err, outputs)
+                if latents and res is not None and res.latent is not None:
+                    row["latent"] = res.latent.tolist()
+                writer.write(row)
                 st.done += 1
                 if res is None:
                     st.error += 1
@@ -285,11 +302,11 @@ def run_inspect(
                 for (it, b), r in zip(pairs, predict_decoded(insp, pairs, rs)):
                     fut = None
                     if r is not None and r.anomaly_map is not None:  # Inspector(maps="ng"): NG images only
-                        fut = pool.submit(write_outputs, out, r, options)
+                        fut = pool.submit(write_outputs, out, r, options, insp)
                     pending.append((it, r, b["error"], fut))
                 drain(block=len(pending) > 4 * batch_size)
             drain(block=True)
-        return finish_run(insp, out, writer, order, st, (started, t0), report=report)
+        return finish_run(insp, out, writer, order, st, (started, t0), report=report, latents=latents)
 
 
 def finish_run(
@@ -302,23 +319,56 @@ def finish_run(
     *,
     report: bool,
     extra: dict | None = None,
+    latents: bool = False,
 ) -> tuple[list[dict], dict]:
     """Rows in input order (``writer.finalize``), then summary.json (``extra`` keys added) and report.html.
-    ``began``: the run's start (UTC time, ``perf_counter``). Shared by the local and the Ray engine."""
+    ``began``: the run's start (UTC time, ``perf_counter``); ``latents``: also latents.npy and the report's
+    latent view. Shared by the local and the Ray engine."""
     rows = writer.finalize(order)
+    if latents:
+        write_latents(out / "latents.npy", rows)
     st.seconds = time.perf_counter() - began[1]
     summary = build_summary(insp, rows, st, began[0]) | (extra or {})
     write_json_atomic(out / "summary.json", summary)
     if report:
         from imganom.reporting.html import write_report
 
-        write_report(out, rows, summary)
+        write_report(out, rows, summary, latent_view=latent_view(insp, rows) if latents else None)
     return rows, summary
 
 
-def write_outputs(out: Path, r: Result, options: OutputOptions) -> dict[str, str]:
+def latent_view(insp: Inspector, rows: list[dict]) -> dict:
+    """The report's latent projection: the normals' 2-D points and each row's latent mean projected on the
+    same PCA basis (``ops.latent``), or a ``note`` when the model has no latent statistics."""
+    if not has_latent_stats(insp.stats):
+        log.warning("the model has no latent statistics: no latent view (recalibrate it: imganom calibrate)")
+        return {"note": "The model has no latent statistics (calibrated before they were recorded): "
+                "recalibrate it (imganom calibrate) to see the latent space."}  # fmt: skip
+    have = [r for r in rows if r.get("latent")]
+    pts = project(np.asarray([r["latent"] for r in have]), insp.stats) if have else np.zeros((0, 2))
+    return {"normals": insp.stats["latent_normals_2d"].cpu().double().tolist(),
+            "points": {str(r["id"]): p for r, p in zip(have, pts.tolist())}}  # fmt: skip
+
+
+def write_latents(path: Path, rows: list[dict]) -> None:
+    """``latents.npy``: (rows, D) float32 latent means in row order, NaN for rows without one."""
+    lat = [r.get("latent") for r in rows]
+    dim = max((len(v) for v in lat if v), default=0)
+    arr = np.full((len(rows), dim), np.nan, np.float32)
+    for k, v in enumerate(lat):
+        if v:
+            arr[k] = v
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_outputs(
+    out: Path, r: Result, options: OutputOptions, insp: Inspector | None = None
+) -> dict[str, str]:
     """Write one result's mask, heatmap, overlay, preview (and raw map) under ``out``; frees ``r.image``.
-    Returns ``{kind: path relative to out}`` for its row."""
+    With ``insp``: the uncertainty map (when sampled, with heatmaps) and, with ``options.explain`` for images
+    that get an overlay, the reconstruction and residual. Returns ``{kind: path relative to out}``."""
     vmax = heatmap_vmax(r.thresholds["image"], r.score)
     preview = to_uint8_preview(r.image)
     paths = write_item_outputs(
@@ -333,6 +383,11 @@ def write_outputs(out: Path, r: Result, options: OutputOptions) -> dict[str, str
         verdict=r.verdict,
         options=options,
     )
+    if insp is not None:
+        explain = options.explain and options.overlay_for(r.verdict) and insp.model is not None
+        recon = to_uint8_preview(insp.reconstruct(r.image)) if explain else None
+        unc = r.uncertainty_map if options.heatmaps else None
+        paths.update(write_trust_outputs(out, r.id, unc, preview if explain else None, recon))
     r.image = None  # free the decoded input early
     return paths
 
@@ -348,6 +403,7 @@ def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: 
             "total": len(rows),
             "ok": sum(r["verdict"] == "OK" for r in rows),
             "ng": sum(r["verdict"] == "NG" for r in rows),
+            "review": sum(r["verdict"] == "review" for r in rows),
             "error": sum(r["status"] == "error" for r in rows),
             "resumed": st.skipped,
         },
@@ -372,6 +428,7 @@ def build_summary(insp: Inspector, rows: list[dict], st: InspectStats, started: 
             "device": str(insp.device),
             "precision": precision_label(insp.amp),
             "backend": insp.backend_info,  # name, threads; what --backend auto measured
+            "uncertainty_samples": insp.uncertainty,
         },
         "throughput_img_s": processed / st.seconds if st.seconds > 0 else None,
         "seconds": st.seconds,

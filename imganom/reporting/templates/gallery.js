@@ -1,6 +1,7 @@
 /* Gallery pieces shared by report.html (inlined) and the review app (served as /static/gallery.js):
    DOM helper, number format, the card of one result and the region table. Rows are reporting.html's
-   card data: {id, cat, verdict, score, norm, nreg, maxarea, error, img: {preview, overlay, mask}, regions}. */
+   card data: {id, cat, verdict, score, norm, nreg, maxarea, error, img: {preview, overlay, mask}, regions}
+   (+ review, conf, expl when uncertainty/explanations were asked for). */
 const ImganomGallery = (() => {
   "use strict";
   function el(tag, props, ...children) {
@@ -37,6 +38,7 @@ const ImganomGallery = (() => {
     const c = el("article", { class: "card cat-" + r.cat, "data-pos": String(pos), "data-id": r.id,
                               "data-cat": r.cat, "data-score": r.score === null ? "" : String(r.score) },
       el("header", {}, el("span", { class: "badge " + r.cat, text: LABEL[r.cat] }),
+         r.review ? el("span", { class: "badge review", text: "REVIEW", title: "low confidence near the threshold" }) : null,
          el("span", { class: "cid", text: r.id, title: r.id }), decisionBadge(r.decision)));
     if (r.cat !== "error" || r.img.preview || r.img.overlay) {
       c.append(el("div", { class: "thumbs" }, figure(r.img.preview, "original", r.id),
@@ -44,7 +46,8 @@ const ImganomGallery = (() => {
     }
     if (r.cat !== "error") {
       c.append(el("div", { class: "stats" }, stat("score", fmt(r.score)), stat("norm", fmt(r.norm, 3)),
-                  stat("regions", fmt(r.nreg, 9)), stat("largest", r.maxarea ? fmt(r.maxarea, 9) + " px" : "–")));
+                  stat("regions", fmt(r.nreg, 9)), stat("largest", r.maxarea ? fmt(r.maxarea, 9) + " px" : "–"),
+                  r.conf !== null && r.conf !== undefined ? stat("confidence", fmt(r.conf, 3)) : null));
     }
     if (r.error) c.append(el("div", { class: "errmsg", text: r.error }));
     return c;
@@ -59,6 +62,7 @@ const ImganomGallery = (() => {
     if (r.error) out.push(el("div", { class: "errmsg", text: r.error }));
     if (r.regions && r.regions.length) {
       const cols = ["id", "bbox", "area", "area_pct", "centroid", "peak", "mean"];
+      if (r.regions[0].confidence !== undefined) cols.push("confidence");
       const cell = (v) => el("td", { text: Array.isArray(v) ? v.map((x) => fmt(x, 5)).join(", ") : fmt(v, 4) });
       out.push(el("table", { class: "regions" }, el("thead", {}, el("tr", {}, ...cols.map((k) => el("th", { text: k })))),
                   el("tbody", {}, ...r.regions.map((g) => el("tr", {}, ...cols.map((k) => cell(g[k])))))));

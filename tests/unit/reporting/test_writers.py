@@ -243,7 +243,7 @@ def test_finalize_orders_dedups_and_writes_csv(tmp_path: Path) -> None:
         table = list(csv.reader(f))
     assert tuple(table[0]) == CSV_COLUMNS == (
         "id", "path", "status", "verdict", "score", "norm_score", "n_regions", "max_region_area",
-        "image_threshold", "pixel_threshold", "model_id", "time_ms", "error")  # fmt: skip
+        "image_threshold", "pixel_threshold", "model_id", "time_ms", "error", "confidence")  # fmt: skip
     assert [r[0] for r in table[1:]] == ["a.png", "b.png", "c.png", "z.png"]
     err = dict(zip(CSV_COLUMNS, table[3], strict=True))
     assert err["status"] == "error" and err["error"] == 'bad, "file"\nline2' and err["score"] == ""
