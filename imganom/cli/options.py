@@ -31,7 +31,8 @@ THRESHOLD_SOURCES = ("normal", "f1_max")
 RAW_MAP_FORMATS = ("npy", "png16")
 
 ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="Model file (.safetensors), run directory or exported .onnx.")
+    Path,
+    typer.Option("--model", "-m", help="Model file (.safetensors), run directory, export (.onnx, .xml IR)."),
 ]
 RoiOpt = Annotated[
     Path | None, typer.Option("--roi", help="Region-of-interest mask image (nonzero = inspect).")
@@ -52,7 +53,7 @@ BackendOpt = Annotated[
     typer.Option(
         "--backend",
         help="torch | onnxruntime | openvino | auto (fastest here, measured once and cached). "
-        "Default: torch for model files, onnxruntime for .onnx.",
+        "Default: torch for model files, onnxruntime for .onnx, openvino for .xml.",
     ),
 ]
 ThreadsOpt = Annotated[
@@ -122,11 +123,13 @@ class ModelOptions:
         try:
             insp = load_inspector(kw.pop("model"), **kw)
         except ImportError as e:
-            if self.model.suffix.lower() != ".onnx" and self.backend in (None, "torch"):
+            suffix = self.model.suffix.lower()
+            if suffix not in (".onnx", ".xml") and self.backend in (None, "torch"):
                 raise
+            name = self.backend or ("openvino" if suffix == ".xml" else "onnxruntime")
             fail(
-                f"the {self.backend or 'onnxruntime'} backend is not installed "
-                f"(pip install 'imganom[{'openvino' if self.backend == 'openvino' else 'export'}]'): {e}"
+                f"the {name} backend is not installed "
+                f"(pip install 'imganom[{'openvino' if name == 'openvino' else 'export'}]'): {e}"
             )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))
