@@ -33,6 +33,9 @@ def inspect(
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 2,
+    decode: str = typer.Option(
+        "threads", "--decode", help="Decode on --workers threads, or processes (readers that hold the GIL)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
     fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
     raw_maps: RawMapsOpt = None,
@@ -49,6 +52,8 @@ def inspect(
 
     check_raw_maps(raw_maps)
     check_overlays(overlays)
+    if decode not in ("threads", "processes"):  # workflows.inspect.DECODE_MODES (not imported: --help)
+        fail(f"--decode must be threads or processes, got {decode!r}")
     insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
@@ -72,6 +77,7 @@ def inspect(
                 recursive=recursive,
                 batch_size=batch_size,
                 workers=workers,
+                decode=decode,
                 resume=resume,
                 options=OutputOptions(raw_maps=raw_maps, overlays=overlays),
                 report=not no_report,

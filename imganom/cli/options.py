@@ -60,7 +60,9 @@ ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", min=1, help="Inference threads of the backend (default: its own).")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1)]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=0, help="Decoding workers (processes; inspect: see --decode).")
+]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive")]
 RawMapsOpt = Annotated[
     str | None, typer.Option("--raw-maps", help="Also save raw maps: npy (float16) | png16.")
