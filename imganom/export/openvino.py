@@ -3,9 +3,10 @@ metadata as an OpenVINO IR (``model.xml`` + ``model.bin``), fp32 or with INT8 we
 NNCF's post-training quantisation, calibrated on normal images preprocessed exactly as inspection does
 (``read_image`` with the model's read options, then ``prepare``: resize / letterbox / tiles).
 
-Quantisation scope (``scope``): ``"vae"`` (default) quantises the VAE's convolutions and linear layers and
-keeps the ``AnomalyHead`` (map term, smoothing, standardisation, score) in fp32 through an NNCF ignored
-scope; ``"all"`` lets NNCF quantise the head's ops too. Measured on magnetic_tile in docs/BENCHMARKS.md.
+Quantisation scope (``scope``): ``"vae"`` (default) quantises the VAE's convolutions and linear layers only
+and keeps everything else in fp32 through an NNCF ignored scope: the ``AnomalyHead`` (map term, smoothing,
+standardisation, score), the ELBO's KL term and the final maxima; ``"all"`` leaves the choice to NNCF, which
+also quantised the map itself (magnetic_tile: every verdict OK). Measured in docs/BENCHMARKS.md.
 The metadata (thresholds, config, calibration) is the ONNX export's, in the IR's ``rt_info``
 (``formats.openvinoir``); ``imganom.export`` says how the weights were made (``int8``). Load the IR with
 ``load_inspector("model.xml")`` (openvino backend).
@@ -34,15 +35,15 @@ from imganom.formats.openvinoir import IR_SUFFIX, is_ir, openvino_core, set_ir_p
 
 SCOPES = ("vae", "all")
 HEAD_PATTERN = r"(^|.*/)head/.*"  # the traced head's op names ("/head/Conv_3"; torchscript exporter)
-DEFAULT_CALIB_SIZE = 300
+DEFAULT_CALIB_SIZE = 300  # NNCF's default subset size
 WEIGHTED_OPS = {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
-                "MatMul"}  # fmt: skip  # NNCF's default subset size
+                "MatMul"}  # fmt: skip  # what scope "vae" quantises (outside the head)
 
 
-def calibration_images(cfg_training: dict[str, Any], calib: str | Path | None) -> tuple[Path, list[Path]]:
+def calibration_images(training: dict[str, Any], calib: str | Path | None) -> tuple[Path, list[Path]]:
     """(folder, images) to calibrate on: ``calib``, else the model's training data (``training.data``);
     ``train/good`` of an MVTec-style root. Raises ExportError when there is no folder or no image."""
-    src = calib if calib is not None else cfg_training.get("data")
+    src = calib if calib is not None else training.get("data")
     if not src:
         raise ExportError("--int8 needs normal images: the model records no training data; pass --calib DIR")
     root = Path(src)

@@ -302,6 +302,7 @@ class OpenVinoBackend(GraphBackend):
     def __init__(self, runtime: Any, cfg: Config, *args: Any, **kw: Any):
         super().__init__(runtime, cfg, *args, **kw)
         self.amp = _OV_AMP.get(self.precision)
+        self.weights = "int8" if self.export_info.get("int8") else None  # an INT8 IR (export --int8)
         self.request = runtime.create_infer_request()
         self._ports = [runtime.output(n) for n in self._outputs]
 
@@ -315,17 +316,14 @@ class OpenVinoBackend(GraphBackend):
         cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = int(threads)
-        props = None
+        model, props = str(path), None
+        if is_ir(path):  # an imganom IR (fp32 or INT8 weights): its metadata is in the rt_info
+            model = read_ir_model(path)
+            props = ir_props(model)
+            if not props:
+                raise ModelFileError(f"{path}: OpenVINO IR without imganom metadata")
         try:
-            if is_ir(path):  # an imganom IR (fp32 or INT8 weights): its metadata is in the rt_info
-                model = read_ir_model(path)
-                props = ir_props(model)
-                if not props:
-                    raise ModelFileError(f"{path}: OpenVINO IR without imganom metadata")
-                return openvino_core().compile_model(model, "CPU", cfg), props
-            return openvino_core().compile_model(str(path), "CPU", cfg), props
-        except ModelFileError:
-            raise
+            return openvino_core().compile_model(model, "CPU", cfg), props
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise ModelFileError(f"{path}: openvino cannot compile it ({str(e)[:300]})") from None
 

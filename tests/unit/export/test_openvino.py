@@ -75,7 +75,7 @@ def test_fp32_ir_gives_the_onnx_results(irs: dict[str, Path], small_run: dict[st
     paths = sorted((small_run["data"] / "test").glob("*/*.png"))
     ref = load_inspector(irs["onnx"], device="cpu", threads=1).predict(paths)
     ir = load_inspector(irs["fp32"], threads=1)  # .xml: the openvino backend by default
-    assert isinstance(ir.backend, OpenVinoBackend) and ir.calibrated
+    assert isinstance(ir.backend, OpenVinoBackend) and ir.calibrated and "weights" not in ir.backend_info
     got = ir.predict(paths)
     assert {r.verdict for r in ref} == {"OK", "NG"}
     for a, b in zip(got, ref):
@@ -100,7 +100,8 @@ def test_inspect_cli_runs_an_int8_ir(irs: dict[str, Path], small_run: dict, tmp_
     r = CliRunner().invoke(app, ["inspect", *args, "--threads", "1", "--no-report"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["model"]["backend"]["name"] == "openvino"
+    backend = summary["model"]["backend"]
+    assert backend["name"] == "openvino" and backend["weights"] == "int8"
     assert summary["counts"]["total"] == len(list(test.glob("*/*.png"))) and summary["counts"]["error"] == 0
 
 
