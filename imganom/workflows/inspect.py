@@ -254,7 +254,7 @@ def run_inspect(
     decode: str = "threads",
 ) -> tuple[list[dict], dict]:
     """Inspect all inputs into ``out``; returns (rows in input order, summary). ``decode``: decode on
-    ``workers`` threads (``threaded_batches``; 2-core machine, onnxruntime, 256 px: 12 % less CPU per image
+    ``workers`` threads (``threaded_batches``; 2-core machine, onnxruntime, 256 px: 6-12 % less CPU per image
     than processes, docs/BENCHMARKS.md) or processes (``DataLoader``: for readers that hold the GIL);
     ``workers=0``: in the calling thread."""
     if decode not in DECODE_MODES:
