@@ -122,6 +122,7 @@ def end_to_end(model: Path, folder: Path, out: Path, backend: str, a: argparse.N
         env, cwd = {**env, "PYTHONPATH": str(a.before)}, a.before
     else:
         cmd += ["--backend", backend, "--threads", str(a.threads), "--overlays", a.overlays]
+        cmd += ["--decode", a.decode]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if p.returncode != 0:
         raise RuntimeError(f"imganom inspect failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -137,7 +138,7 @@ def inprocess_cpu(insp: Inspector, folder: Path, out: Path, a: argparse.Namespac
 
     shutil.rmtree(out, ignore_errors=True)
     c0 = cpu_seconds()
-    rows, _ = run_inspect(insp, [folder], out, batch_size=a.batch, workers=a.workers,
+    rows, _ = run_inspect(insp, [folder], out, batch_size=a.batch, workers=a.workers, decode=a.decode,
                           options=OutputOptions(overlays=a.overlays))  # fmt: skip
     return 1e3 * (cpu_seconds() - c0) / len(rows)
 
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--channels", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2, help="imganom inspect --workers (decode processes)")
+    ap.add_argument("--workers", type=int, default=2, help="imganom inspect --workers (decode threads)")
+    ap.add_argument("--decode", default="threads", help="imganom inspect --decode (threads | processes)")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--latency-calls", type=int, default=100)
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nimganom inspect on the CPU: {a.images} synthetic PNGs per configuration, default config, batch "
-        f"{a.batch}, {a.workers} decode workers, {a.threads} threads, medians of {a.rounds} interleaved "
+        f"{a.batch}, {a.workers} decode {a.decode}, {a.threads} threads, medians of {a.rounds} interleaved "
         f"rounds; load average (1 min) {min(load):.1f}-{max(load):.1f}\n"
     )
     head = ["size", "ch", "backend", "forward img/s", "end-to-end img/s", "e2e / forward",

@@ -37,6 +37,9 @@ def inspect(
     recursive: RecursiveOpt = True,
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 2,
+    decode: str = typer.Option(
+        "threads", "--decode", help="Decode on --workers threads, or processes (readers that hold the GIL)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in OUT/results.jsonl."),
     fail_on_ng: bool = typer.Option(False, "--fail-on-ng", help=f"Exit {EXIT_NG} if any image is NG."),
     raw_maps: RawMapsOpt = None,
@@ -87,6 +90,8 @@ def inspect(
     if as_volumes and engine != "local":
         fail("--engine ray inspects images and slices; volumes (--volumes, --axis, --channels, --sequences, "
              "--per-slice) run on --engine local")  # fmt: skip
+    if decode not in ("threads", "processes"):  # workflows.inspect.DECODE_MODES (not imported: --help)
+        fail(f"--decode must be threads or processes, got {decode!r}")
     insp = model.load()
     progress = progress_bar(
         "inspect", TextColumn("{task.fields[ips]:.1f} img/s  NG {task.fields[ng]}  errors {task.fields[err]}")
@@ -125,7 +130,9 @@ def inspect(
                 ray_opts = (ray_address, actors, gpus_per_actor)
                 _, summary = inspect_on_ray(model, insp, inputs, out, ray_opts, common)
             else:
-                _, summary = run_inspect(insp, inputs, out, workers=workers, latents=latents, **common)
+                _, summary = run_inspect(
+                    insp, inputs, out, workers=workers, decode=decode, latents=latents, **common
+                )
         except (FileNotFoundError, ImportError) as e:
             fail(str(e))
     c, what = summary["counts"], "volumes" if "volumes" in summary else "images"

@@ -31,7 +31,8 @@ THRESHOLD_SOURCES = ("normal", "f1_max")
 RAW_MAP_FORMATS = ("npy", "png16")
 
 ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="Model file (.safetensors), run directory or exported .onnx.")
+    Path,
+    typer.Option("--model", "-m", help="Model file (.safetensors), run directory, export (.onnx, .xml IR)."),
 ]
 RoiOpt = Annotated[
     Path | None, typer.Option("--roi", help="Region-of-interest mask image (nonzero = inspect).")
@@ -52,7 +53,7 @@ BackendOpt = Annotated[
     typer.Option(
         "--backend",
         help="torch | onnxruntime | openvino | auto (fastest here, measured once and cached). "
-        "Default: torch for model files, onnxruntime for .onnx.",
+        "Default: torch for model files, onnxruntime for .onnx, openvino for .xml.",
     ),
 ]
 ThreadsOpt = Annotated[
@@ -74,7 +75,9 @@ ReviewBelowOpt = Annotated[
     ),
 ]  # fmt: skip
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1)]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=0, help="Decoding workers (processes; inspect: see --decode).")
+]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive/--no-recursive")]
 RawMapsOpt = Annotated[
     str | None, typer.Option("--raw-maps", help="Also save raw maps: npy (float16) | png16.")
@@ -139,11 +142,13 @@ class ModelOptions:
         try:
             insp = load_inspector(kw.pop("model"), **kw)
         except ImportError as e:
-            if self.model.suffix.lower() != ".onnx" and self.backend in (None, "torch"):
+            suffix = self.model.suffix.lower()
+            if suffix not in (".onnx", ".xml") and self.backend in (None, "torch"):
                 raise
+            name = self.backend or ("openvino" if suffix == ".xml" else "onnxruntime")
             fail(
-                f"the {self.backend or 'onnxruntime'} backend is not installed "
-                f"(pip install 'imganom[{'openvino' if self.backend == 'openvino' else 'export'}]'): {e}"
+                f"the {name} backend is not installed "
+                f"(pip install 'imganom[{'openvino' if name == 'openvino' else 'export'}]'): {e}"
             )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))

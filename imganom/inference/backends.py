@@ -14,7 +14,6 @@ Each holds a lock that serialises its device work, shared by every Inspector mad
 from __future__ import annotations
 
 import copy
-import functools
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from imganom.formats.onnxfile import (
     parse_onnx_props,
     read_onnx_meta,
 )
+from imganom.formats.openvinoir import ir_props, is_ir, openvino_core, read_ir_model
 from imganom.inference.compiled import CompiledVAE, keep_output_layer_fp32
 from imganom.models.vae import ConvVAE, kl_divergence
 from imganom.ops.head import AnomalyHead, HeadOutput
@@ -254,7 +254,7 @@ class GraphBackend:
         ModelFileError for a missing or foreign file."""
         p = Path(path)
         if not p.is_file():
-            raise ModelFileError(f"ONNX file not found: {p}")
+            raise ModelFileError(f"{'OpenVINO IR' if is_ir(p) else 'ONNX file'} not found: {p}")
         runtime, props = cls._load(p, device, threads, precision)
         if meta is None:
             d = parse_onnx_props(props, p) if props is not None else read_onnx_meta(p)
@@ -340,7 +340,9 @@ _OV_AMP = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
 class OpenVinoBackend(GraphBackend):
-    """The graph compiled by OpenVINO for the CPU (``pip install 'imganom[openvino]'``), from the ONNX file.
+    """The graph compiled by OpenVINO for the CPU (``pip install 'imganom[openvino]'``), from the ONNX file
+    or an imganom OpenVINO IR (``.xml``: fp32, or INT8 weights from ``imganom export --format openvino
+    --int8``, whose quantised layers run in INT8 whatever ``precision`` says).
 
     ``precision``: "auto"/"fp32" run in fp32 (OpenVINO would otherwise pick bf16 on CPUs with AMX/AVX512-BF16
     and move maps by ~2 % of their max); "bf16"/"fp16" ask for that inference precision explicitly, for maps
@@ -353,6 +355,7 @@ class OpenVinoBackend(GraphBackend):
     def __init__(self, runtime: Any, cfg: Config, *args: Any, **kw: Any):
         super().__init__(runtime, cfg, *args, **kw)
         self.amp = _OV_AMP.get(self.precision)
+        self.weights = "int8" if self.export_info.get("int8") else None  # an INT8 IR (export --int8)
         self.request = runtime.create_infer_request()
         self._ports = [runtime.output(n) for n in self._outputs]
 
@@ -366,8 +369,14 @@ class OpenVinoBackend(GraphBackend):
         cfg = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = int(threads)
+        model, props = str(path), None
+        if is_ir(path):  # an imganom IR (fp32 or INT8 weights): its metadata is in the rt_info
+            model = read_ir_model(path)
+            props = ir_props(model)
+            if not props:
+                raise ModelFileError(f"{path}: OpenVINO IR without imganom metadata")
         try:
-            return _openvino_core().compile_model(str(path), "CPU", cfg), None
+            return openvino_core().compile_model(model, "CPU", cfg), props
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise ModelFileError(f"{path}: openvino cannot compile it ({str(e)[:300]})") from None
 
@@ -390,12 +399,3 @@ class OpenVinoBackend(GraphBackend):
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         out = self.request.infer({INPUT_NAME: x})  # copies the outputs (share_outputs=False)
         return [np.asarray(out[p]) for p in self._ports]
-
-
-@functools.lru_cache(maxsize=1)
-def _openvino_core() -> Any:
-    """One OpenVINO Core per process, never destroyed: a Core torn down while torch's and OpenVINO's thread
-    pools are alive crashed the process (seen as a segfault in the test suite)."""
-    import openvino as ov
-
-    return ov.Core()

@@ -202,6 +202,9 @@ class Inspector:
         threads = getattr(be, "threads", None) or (torch.get_num_threads() if be.kind == "torch" else None)
         info = {"name": be.kind, "device": str(be.device), "precision": precision_label(be.amp),
                 "threads": threads}  # fmt: skip
+        weights = getattr(be, "weights", None)
+        if weights:  # an INT8 OpenVINO IR: quantised VAE layers, fp32 head
+            info["weights"] = weights
         return {**info, "auto": be.selection} if be.selection else info
 
     @property

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from imganom.formats.modelfile import ModelMeta, load_model, resolve_model_path
+from imganom.formats.openvinoir import is_ir
 from imganom.inference.backends import GraphBackend, OnnxBackend, OpenVinoBackend, TorchBackend
 from imganom.inference.graphs import cache_dir, file_digest, traced_graph
 from imganom.utils.device import resolve_device
@@ -47,9 +48,11 @@ def is_onnx(path: str | Path) -> bool:
 
 
 def available_backends(path: str | Path | None = None) -> list[str]:
-    """The backends installed here (``torch`` only for model files, not for ``.onnx``)."""
-    names = [] if path is not None and is_onnx(path) else ["torch"]
-    return names + [n for n in ("onnxruntime", "openvino") if importlib.util.find_spec(n) is not None]
+    """The backends installed here (``torch`` only for model files, not for ``.onnx``; an OpenVINO IR
+    ``.xml`` runs on openvino only)."""
+    names = [] if path is not None and (is_onnx(path) or is_ir(path)) else ["torch"]
+    graph = ["openvino"] if path is not None and is_ir(path) else ["onnxruntime", "openvino"]
+    return names + [n for n in graph if importlib.util.find_spec(n) is not None]
 
 
 def set_torch_threads(threads: int | None) -> None:
@@ -68,15 +71,19 @@ def open_backend(
     compile: bool = False,
     compile_mode: str | None = None,
 ) -> tuple[Backend, ModelMeta]:
-    """(backend, model metadata) for a model file, run directory or ``.onnx`` export. ``backend``: None =
-    ``torch`` for model files and ``onnxruntime`` for ``.onnx``; ``threads``: the runtime's intra-op threads
-    (torch: ``torch.set_num_threads``, process-wide). ``precision`` applies to torch and openvino; the
-    onnxruntime graph is fp32. Raises ValueError for an unknown or impossible combination, ImportError for a
-    runtime that is not installed, ModelFileError for a bad file."""
-    onnx = is_onnx(path)
-    name = backend or ("onnxruntime" if onnx else "torch")
+    """(backend, model metadata) for a model file, run directory, ``.onnx`` export or OpenVINO IR (``.xml``).
+    ``backend``: None = ``torch`` for model files, ``onnxruntime`` for ``.onnx``, ``openvino`` for ``.xml``;
+    ``threads``: the runtime's intra-op threads (torch: ``torch.set_num_threads``, process-wide).
+    ``precision`` applies to torch and openvino; the onnxruntime graph is fp32. Raises ValueError for an
+    unknown or impossible combination, ImportError for a runtime that is not installed, ModelFileError for a
+    bad file."""
+    onnx, ir = is_onnx(path), is_ir(path)
+    name = backend or ("onnxruntime" if onnx else "openvino" if ir else "torch")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(CHOICES)}, got {name!r}")
+    if ir and name != "openvino":
+        raise ValueError(f"an OpenVINO IR (.xml) runs on the openvino backend, not {name}")
+    onnx = onnx or ir
     if compile and name != "torch":
         raise ValueError("compile applies to torch models, not to .onnx files or graph backends")
     if name == "torch":
@@ -160,9 +167,11 @@ def auto_backend(
 ) -> tuple[Backend, ModelMeta]:
     """The fastest available backend for this model on this machine (cached, see the module docstring);
     ``backend.selection`` says what was measured and chosen."""
-    onnx = is_onnx(path)
+    onnx = is_onnx(path) or is_ir(path)
     src = Path(path) if onnx else resolve_model_path(path)
     names = available_backends(src)
+    if not names:
+        raise ImportError(f"{src.name}: an OpenVINO IR runs on openvino (pip install 'imganom[openvino]')")
     if resolve_device(device).type == "cuda":
         names = names[:1]  # torch (fused kernels, device post-processing) or onnxruntime for an export
     if precision not in GRAPH_PRECISIONS:

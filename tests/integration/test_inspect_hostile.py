@@ -114,7 +114,8 @@ def test_kill_9_of_inspect_leaves_no_decode_worker(tmp_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     _pngs(src, [f"{k:03d}.png".encode() for k in range(160)], side=256)
     cmd = imganom_cmd("inspect", "--model", str(MODEL), "--input", str(src), "--out", str(out),
-                      "--workers", "1", "--batch-size", "4", "--no-report")  # fmt: skip
+                      "--workers", "1", "--decode", "processes",  # the workers that must not outlive it
+                      "--batch-size", "4", "--no-report")  # fmt: skip
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:

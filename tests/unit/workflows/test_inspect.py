@@ -13,7 +13,7 @@ import pytest
 
 from imganom.inference.inspector import Inspector
 from imganom.workflows.demo import WEIGHTS
-from imganom.workflows.inspect import Decoder, list_items, predict_decoded, run_inspect
+from imganom.workflows.inspect import Decoder, list_items, predict_decoded, run_inspect, threaded_batches
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,13 @@ def _jsonl(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_one_row_per_input_in_input_order(insp: Inspector, tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "decode"), [(0, "processes"), (2, "processes"), (2, "threads")])
+def test_one_row_per_input_in_input_order(insp: Inspector, tmp_path: Path, workers: int, decode: str) -> None:
     names = ["c.png", "a.png", "b.bad.png", "sub/d.png", "e.png"]
     _images(tmp_path / "in", names)
     out = tmp_path / "out"
-    rows, summary = run_inspect(insp, [tmp_path / "in"], out, batch_size=2, workers=workers, report=False)
+    rows, summary = run_inspect(insp, [tmp_path / "in"], out, batch_size=2, workers=workers, report=False,
+                                decode=decode)  # fmt: skip
     order = [it.id for it in list_items([tmp_path / "in"])]
     assert sorted(order) == sorted(names) and len(order) == 5
     assert [r["id"] for r in rows] == order
@@ -114,3 +115,43 @@ def test_decoder_never_raises(insp: Inspector, tmp_path: Path) -> None:
     missing = Decoder(list_items([tmp_path / "x.bad.png"]), insp)
     (tmp_path / "x.bad.png").unlink()
     assert missing[0]["error"] is not None
+
+
+def test_threaded_batches_keep_order_and_give_every_item_once(insp: Inspector, tmp_path: Path) -> None:
+    names = [f"{k:02d}.bad.png" if k % 7 == 3 else f"{k:02d}.png" for k in range(23)]
+    items = list_items(_images(tmp_path, names, seed=3))
+    dec = Decoder(items, insp)
+    batches = list(threaded_batches(dec, batch_size=4, workers=3))
+    assert [len(b) for b in batches] == [4] * 5 + [3]
+    flat = [d for b in batches for d in b]
+    assert [d["i"] for d in flat] == list(range(23))
+    for d, want in zip(flat, (dec[i] for i in range(23))):  # the same arrays as decoding in the caller
+        assert (d["error"] is None) == (want["error"] is None)
+        assert d["chw"] is None or np.array_equal(d["chw"], want["chw"])
+    assert sum(d["error"] is not None for d in flat) == 3
+    it = threaded_batches(dec, batch_size=4, workers=2)
+    assert len(next(it)) == 4
+    it.close()  # stopped early: the pool is shut down, queued decodes cancelled (no hang, no thread left)
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("imganom-decode")]
+
+
+def test_unknown_decode_mode(insp: Inspector, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="decode must be"):
+        run_inspect(insp, [tmp_path], tmp_path / "out", decode="fibers")
+
+
+def test_cli_decode_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imganom.cli.main import app
+
+    _images(tmp_path / "in", ["a.png", "b.bad.png", "c.png"])
+    base = ["inspect", "-m", str(WEIGHTS), "--input", str(tmp_path / "in"), "--device", "cpu", "--no-report"]
+    for mode in ("processes", "threads"):
+        r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / mode), "--decode", mode, "--workers", "2"])
+        assert r.exit_code == 0, r.output
+        assert [row["status"] for row in _jsonl(tmp_path / mode)] == ["ok", "error", "ok"]
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "x"), "--decode", "fibers"])
+    assert r.exit_code == 2 and "--decode must be" in r.output
