@@ -174,6 +174,16 @@ class InspectStats:
     scores: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def count(self, score: float | None, is_anomalous: bool = False) -> None:
+        """One more input done: an error when ``score`` is None, else OK or NG (the thresholded call)."""
+        self.done += 1
+        if score is None:
+            self.error += 1
+        else:
+            self.ok += 1
+            self.ng += bool(is_anomalous)
+            self.scores.append(score)
+
 
 def result_row(
     insp: Inspector, it: Item, res: Result | None, error: str | None, outputs: dict[str, str]
@@ -313,13 +323,7 @@ def run_inspect(
                 if latents and res is not None and res.latent is not None:
                     row["latent"] = res.latent.tolist()
                 writer.write(row)
-                st.done += 1
-                if res is None:
-                    st.error += 1
-                else:
-                    st.ok += 1
-                    st.ng += res.is_anomalous
-                    st.scores.append(res.score)
+                st.count(None if res is None else res.score, res is not None and res.is_anomalous)
                 if on_progress:
                     on_progress(st)
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from imganom.inference.inspector import Inspector, load_inspector
+from imganom.reporting.html import category
 from imganom.reporting.results import CSV_COLUMNS, ResultsWriter
 from imganom.reporting.writers import OutputOptions
 from imganom.utils.files import to_jsonable
@@ -161,13 +162,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
 
 
 def _count(st: InspectStats, row: dict) -> None:
-    st.done += 1
-    if row["status"] != "ok":
-        st.error += 1
-        return
-    st.ok += 1
-    st.ng += row["verdict"] == "NG"
-    st.scores.append(row["score"])
+    cat = category(row)  # a low-confidence "review" row counts under its thresholded call, as locally
+    st.count(None if cat == "error" else row["score"], cat == "ng")
 
 
 def _parquet_batch(batch: dict[str, np.ndarray]) -> Any:

@@ -288,13 +288,7 @@ def run_volumes(
                 for row in slice_rows(insp, src, vr):
                     writer.write(row)
                     order.append(row["id"])
-            st.done += 1
-            if vr is None:
-                st.error += 1
-            else:
-                st.ok += 1
-                st.ng += vr.is_anomalous
-                st.scores.append(vr.score)
+            st.count(None if vr is None else vr.score, vr is not None and vr.is_anomalous)
             if on_progress:
                 on_progress(st)
         rows = writer.finalize(order)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import cv2
 import httpx
 import pytest
+from browser import chromium_driver
 from helpers import cli_env, imganom_cmd
 from review_data import ReviewServer, make_results, write_rows
 
 from imganom.reporting.reviews import REVIEWS_FILE, ReviewStore
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 BADGES = (
     "return [...document.querySelectorAll('#gallery .card')]"
     ".map(c => [c.dataset.id, c.querySelector('.decision')?.textContent || ''])"
@@ -26,25 +24,8 @@ BADGES = (
 
 @pytest.fixture(scope="module")
 def driver():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="imganom-chrome-")
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--no-first-run", f"--user-data-dir={profile}",
-                "--window-size=1400,1000"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.binary_location = str(CHROMIUM)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    try:
+    with chromium_driver() as drv:
         yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium_driver
 from helpers import cli_env, imganom_cmd
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +63,8 @@ def test_rows_csv_latents_and_images(run: Path, latent_model: Path) -> None:
 
 @pytest.fixture(scope="module")
 def driver():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="imganom-chrome-")
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.binary_location = str(CHROMIUM)
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    try:
+    with chromium_driver() as drv:
         yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_report_shows_latent_view_confidence_and_explanation(driver, run: Path) -> None:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium_driver
 
 from imganom.reporting.html import _histogram, write_report
 from imganom.reporting.writers import OutputOptions, write_item_outputs
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 IMAGE_THRESHOLD = 0.5
 EVIL_ID = "evil</script><b>x.png"
 
@@ -88,25 +87,8 @@ def test_report_html_is_self_contained_and_escaped(report: tuple[Path, list[dict
 
 @pytest.fixture(scope="module")
 def driver():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="imganom-chrome-")
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.binary_location = str(CHROMIUM)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    try:
+    with chromium_driver() as drv:
         yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _cards(drv) -> list:
