@@ -130,6 +130,8 @@ class ModelOptions:
             )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))
+        if insp.cfg.postprocess.roi == "file" and insp.roi is None:
+            fail(f"{self.model}: the model's postprocess.roi is 'file': pass the inspected region with --roi")
         if not insp.calibrated:
             if require_calibrated:
                 fail("model is not calibrated (no image/pixel thresholds): run imganom calibrate first")

@@ -23,9 +23,11 @@ class _Strict(BaseModel):
 
 
 class IntensityConfig(_Strict):
-    """How raw pixel values map to [0, 1]: dtype range, per-image percentile window, or fixed window."""
+    """How raw pixel values map to [0, 1]: dtype range, per-image percentile window, fixed window, or
+    "foreground": per channel, a window [low, high] in robust standard deviations around the median of the
+    image's foreground (tissue) pixels, so that a bright lesion does not set the window (MRI)."""
 
-    mode: Literal["dtype", "percentile", "fixed"] = "dtype"
+    mode: Literal["dtype", "percentile", "fixed", "foreground"] = "dtype"
     low: float = 0.5
     high: float = 99.5
 
@@ -115,6 +117,9 @@ class TrainConfig(_Strict):
     workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(5, ge=1)
     max_images: int | None = Field(None, ge=1)  # cap the training set (quick experiments)
+    # skip training images whose foreground (ops.foreground, as postprocess.roi auto) covers less than this
+    # fraction of the model view: empty or near-empty slices of a volume teach nothing; 0 = keep all
+    min_foreground: float = Field(0.0, ge=0, lt=1)
     # which epoch's weights are kept (and what early stopping watches), never an epoch inside the KL warm-up:
     # "recon": lowest validation reconstruction loss (the loss mix without KL, so the beta schedule cannot
     # move it); "pseudo": best mean of image AUROC, pixel AUROC and AUPRO on synthetic anomalies pasted into
@@ -186,6 +191,12 @@ class PostprocessConfig(_Strict):
     score: Literal["max", "topk_mean", "elbo"] = "max"
     topk: float = Field(0.01, gt=0, le=1)  # fraction of pixels for topk_mean
     border: int = Field(0, ge=0)  # ignore this many model pixels along each border
+    # region of interest: "none" (whole image, or a --roi file when given), "file" (a --roi file is required
+    # at inspection), "auto" (per image, the foreground: body/brain tissue found in the model input by
+    # ops.foreground; the map is 0 outside it, so background never scores or yields a region; calibration
+    # and normal-map statistics use the same foreground)
+    roi: Literal["none", "auto", "file"] = "none"
+    roi_erode: int = Field(0, ge=0)  # roi auto: shrink the foreground by this many model pixels (outline)
 
 
 class CalibrationConfig(_Strict):

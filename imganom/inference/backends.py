@@ -119,7 +119,7 @@ class TorchBackend:
         """Views (N, C, h, w) on any device -> smoothed model-resolution maps (N, h, w) fp32 on the device,
         the per-view negative ELBO and, with ``map.standardize == "score"``, the score maps."""
         x, recons, kl = self._forward(views)
-        return self.head.finish(self.head.raw_map(x, recons), kl)
+        return self.head.finish(self.head.raw_map(x, recons), kl, x)
 
     @torch.no_grad()
     def raw_maps(self, views: torch.Tensor) -> torch.Tensor:

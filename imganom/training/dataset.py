@@ -19,6 +19,7 @@ from imganom.config import AugmentConfig, Config
 from imganom.data.preprocess import prepare
 from imganom.data.pseudo import FAMILIES, add_pseudo_anomaly
 from imganom.data.readers import ImageReadError, read_image, read_options
+from imganom.ops.foreground import foreground_fraction
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class NormalImages(Dataset):
                 continue
             if pp.resize != "tile":
                 chw = prepare(chw, pp)[0][0]
+            if cfg.train.min_foreground and not self._enough_foreground(chw, str(p)):
+                continue
             self.items.append(np.ascontiguousarray(chw))
             self.ids.append(i)
         if not self.items:
@@ -91,6 +94,14 @@ class NormalImages(Dataset):
             )
         self.augment = build_augment(cfg.augment, cfg.train.seed) if train else None
         self.denoise = cfg.train.denoise if train else 0.0
+
+    def _enough_foreground(self, chw: np.ndarray, name: str) -> bool:
+        """``train.min_foreground``: False (and noted in ``skipped``) for an empty or near-empty slice."""
+        frac = float(foreground_fraction(torch.from_numpy(np.ascontiguousarray(chw[None])))[0])
+        if frac >= self.cfg.train.min_foreground:
+            return True
+        self.skipped.append(f"{name}: foreground {frac:.3f} below train.min_foreground")
+        return False
 
     def __len__(self) -> int:
         return len(self.items)
