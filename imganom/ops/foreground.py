@@ -41,15 +41,25 @@ def _fill_holes(m: torch.Tensor) -> torch.Tensor:
     return (left & right & up & down).to(m.dtype)
 
 
-def foreground_mask(x: torch.Tensor, erode: int = 0, level: float = LEVEL) -> torch.Tensor:
+def smoothed_level(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, h, w): the channel mean of views (N, C, h, w), 3x3 box-smoothed (what the threshold sees)."""
+    if x.ndim != 4:
+        raise ValueError(f"foreground_mask expects (N, C, h, w) views, got shape {tuple(x.shape)}")
+    return F.avg_pool2d(x.float().mean(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)
+
+
+def foreground_mask(
+    x: torch.Tensor, erode: int = 0, level: float = LEVEL, floor: float | None = None
+) -> torch.Tensor:
     """Views (N, C, h, w) in [0, 1] -> bool (N, h, w): True on the body/brain, False on air and background.
 
     ``erode``: shrink the result by this many pixels (a square structuring element), e.g. to keep the bright
-    outline of a head out of the score. An all-dark view gives an all-False mask."""
-    if x.ndim != 4:
-        raise ValueError(f"foreground_mask expects (N, C, h, w) views, got shape {tuple(x.shape)}")
-    g = F.avg_pool2d(x.float().mean(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)
-    thr = g.amax(dim=(2, 3), keepdim=True) * level
+    outline of a head out of the score. ``floor``: an absolute threshold instead of ``level`` times the
+    view's own brightest level (a slice of pure noise has a relative 'foreground' too; ``empty_slices``
+    compares slices against the dataset). An all-dark view gives an all-False mask."""
+    g = smoothed_level(x)
+    peak = g.amax(dim=(2, 3), keepdim=True)
+    thr = peak * level if floor is None else torch.full_like(peak, floor)
     m = ((g > thr) & (thr > 0)).float()
     m = _erode(_dilate(m, CLOSE_RADIUS), CLOSE_RADIUS)
     m = _fill_holes(m)
@@ -58,6 +68,16 @@ def foreground_mask(x: torch.Tensor, erode: int = 0, level: float = LEVEL) -> to
     return m[:, 0] > 0.5
 
 
-def foreground_fraction(x: torch.Tensor) -> torch.Tensor:
-    """Fraction (N,) of each view covered by the foreground (``train.min_foreground`` skips low ones)."""
-    return foreground_mask(x).flatten(1).float().mean(1)
+def foreground_fraction(x: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    """Fraction (N,) of each view covered by the foreground (``foreground_mask`` with ``floor``)."""
+    return foreground_mask(x, floor=floor).flatten(1).float().mean(1)
+
+
+def empty_slices(x: torch.Tensor, min_fraction: float, level: float = LEVEL) -> tuple[torch.Tensor, float]:
+    """Which views (N, C, h, w) of a dataset (absolute intensities, e.g. by dtype) are empty: less than
+    ``min_fraction`` of the view brighter than ``level`` times the median over views of their brightest
+    level; per dataset, so a slice of air and noise (relatively bright somewhere, absolutely dark) is
+    recognised as empty. Returns (bool (N,), that absolute threshold: ``foreground_fraction``'s floor)."""
+    peak = smoothed_level(x).amax(dim=(1, 2, 3))
+    floor = float(peak.median()) * level
+    return foreground_fraction(x, floor) < min_fraction, floor
