@@ -142,6 +142,11 @@ class MapConfig(_Strict):
     ssim: float = Field(0.5, ge=0)
     ssim_window: int = Field(11, ge=3)
     channel_reduce: Literal["mean", "max"] = "mean"
+    # per-channel weights of the map terms before the channel reduction (e.g. [0, 1, 0]: only the FLAIR of
+    # T1/FLAIR/T1c slices); None = all channels alike. "positive" residual: L1/L2 only where the input is
+    # brighter than its reconstruction (hyperintense lesions; dark reconstruction misses do not score)
+    channel_weights: list[float] | None = None
+    residual: Literal["abs", "positive"] = "abs"
     mc_samples: int = Field(0, ge=0)  # 0 = decode the mean only
     # z-score each pixel by the mean/spread of normal maps at that pixel (stats from calibration):
     # "map": the returned map (and so masks and score) is standardised; "score": only the image score is
@@ -176,6 +181,10 @@ class MapConfig(_Strict):
             raise ValueError("at least one of l1, l2, ssim must be > 0")
         if self.ssim_window % 2 == 0:
             raise ValueError(f"ssim_window must be odd, got {self.ssim_window}")
+        if self.channel_weights is not None and (
+            any(w < 0 for w in self.channel_weights) or sum(self.channel_weights) <= 0
+        ):
+            raise ValueError(f"channel_weights must be >= 0 with a positive sum, got {self.channel_weights}")
         if self.scales and self.standardize == "map":
             raise ValueError('scales combine with standardize "off" or "score", not "map"')
         return self
@@ -229,6 +238,10 @@ class Config(_Strict):
         h, w = self.preprocess.size
         if h % m or w % m:
             raise ValueError(f"preprocess.size {h}x{w} must be multiples of 2**model.depth = {m}")
+        cw = self.map.channel_weights
+        if cw is not None and len(cw) != self.preprocess.channels:
+            raise ValueError(f"map.channel_weights has {len(cw)} entries, preprocess.channels is "
+                             f"{self.preprocess.channels}")  # fmt: skip
         if self.model.max_channels < self.model.base_channels:
             raise ValueError("model.max_channels must be >= model.base_channels")
         return self
