@@ -55,7 +55,8 @@ FOREGROUND_LEVEL = 0.1  # tissue: channel mean above p1 + this fraction of (p99 
 def foreground_window(arr: np.ndarray, low: float, high: float) -> np.ndarray:
     """Intensity mode 'foreground' on CHW (or HW) raw values: each channel windowed to
     [median + low * s, median + high * s], median and s (IQR / 1.349, a robust standard deviation) taken over
-    the image's foreground pixels only (channel mean above ``FOREGROUND_LEVEL`` of its p1..p99 range).
+    the image's foreground pixels only (channel mean above ``FOREGROUND_LEVEL`` of its p1..p99 range); the
+    window never starts below the median of the background (air stays 0).
 
     Air does not enter the statistics and a bright lesion (a minority of the tissue) barely moves a median
     or an IQR, so unlike a percentile window it neither sets the top of the range nor compresses the rest
@@ -70,7 +71,9 @@ def foreground_window(arr: np.ndarray, low: float, high: float) -> np.ndarray:
     for c, plane in enumerate(chw):
         q25, med, q75 = np.percentile(_sample(plane[fg]), [25, 50, 75])
         s = float(q75 - q25) / 1.349 or float(np.std(plane[fg]))
-        out[c] = window(plane, float(med) + low * s, float(med) + high * s)
+        air = float(np.median(plane[~fg])) if not fg.all() else -np.inf
+        lo = max(float(med) + low * s, air)  # air is 0 even where tissue varies more than |low| SDs
+        out[c] = window(plane, lo, max(float(med) + high * s, lo))
     return out[0] if arr.ndim == 2 else out
 
 

@@ -103,3 +103,16 @@ def test_industrial_presets_keep_the_roi_off(preset: str) -> None:
     cfg = load_config(preset)
     assert cfg.postprocess.roi == "none" and cfg.train.min_foreground == 0
     assert cfg.preprocess.intensity.mode != "foreground"
+
+
+def test_foreground_mode_keeps_air_at_zero_when_tissue_varies_widely() -> None:
+    """Tissue spread so wide that median - 3 SD falls below the air level (skull-base slices: fat, bone,
+    sinuses): the window starts at the air's median instead, so air stays 0 and the ROI stays on tissue."""
+    rng = np.random.default_rng(3)
+    raw, ellipse = phantom()
+    raw = np.where(ellipse, rng.uniform(10, 200, ellipse.shape), 8 + rng.normal(0, 1, ellipse.shape))
+    raw = np.repeat(raw[None], 3, axis=0).astype(np.float32)
+    out = normalize_intensity(raw, IntensityConfig(mode="foreground", low=-3.0, high=5.0), raw.dtype)
+    assert float(np.median(out[:, ~ellipse])) == 0.0
+    m = foreground_mask(torch.from_numpy(out[None]))[0].numpy()
+    assert m[~ellipse].mean() < 0.1 and m[ellipse].mean() > 0.95
