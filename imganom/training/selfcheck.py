@@ -148,9 +148,9 @@ def raw_maps(head: AnomalyHead, x: torch.Tensor, recon: torch.Tensor) -> torch.T
     return head.raw_map(x, [recon], smooth=False, backend="torch")
 
 
-def head_output(head: AnomalyHead, raw: torch.Tensor, x: torch.Tensor) -> HeadOutput:
+def head_output(head: AnomalyHead, raw: torch.Tensor, x: torch.Tensor | None = None) -> HeadOutput:
     """``AnomalyHead`` outputs from unsmoothed raw maps of views ``x``: its smoothing, standardisation,
-    scales and (``postprocess.roi`` auto) foreground."""
+    scales and (``postprocess.roi`` auto, which needs ``x``) foreground."""
     if head.fused:  # the head smooths the map term in the same pass: the same blur
         raw = gaussian_blur(raw, head.sigma)
     return head.finish(raw, torch.zeros(len(raw)), x)
