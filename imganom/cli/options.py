@@ -152,6 +152,8 @@ class ModelOptions:
             )
         except (ModelFileError, ValueError, RuntimeError) as e:  # a bad ROI, threshold source; a bad device
             fail(str(e))
+        if insp.cfg.postprocess.roi == "file" and insp.roi is None:
+            fail(f"{self.model}: the model's postprocess.roi is 'file': pass the inspected region with --roi")
         if insp.uncertainty >= 2 and insp.model is None:
             name = insp.backend_info["name"]
             console.print(f"[yellow]warning:[/yellow] the {name} backend runs a deterministic graph: "

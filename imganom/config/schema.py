@@ -23,9 +23,11 @@ class _Strict(BaseModel):
 
 
 class IntensityConfig(_Strict):
-    """How raw pixel values map to [0, 1]: dtype range, per-image percentile window, or fixed window."""
+    """How raw pixel values map to [0, 1]: dtype range, per-image percentile window, fixed window, or
+    "foreground": per channel, a window [low, high] in robust standard deviations around the median of the
+    image's foreground (tissue) pixels, so that a bright lesion does not set the window (MRI)."""
 
-    mode: Literal["dtype", "percentile", "fixed"] = "dtype"
+    mode: Literal["dtype", "percentile", "fixed", "foreground"] = "dtype"
     low: float = 0.5
     high: float = 99.5
 
@@ -115,6 +117,9 @@ class TrainConfig(_Strict):
     workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(5, ge=1)
     max_images: int | None = Field(None, ge=1)  # cap the training set (quick experiments)
+    # skip training images whose foreground (ops.foreground, as postprocess.roi auto) covers less than this
+    # fraction of the model view: empty or near-empty slices of a volume teach nothing; 0 = keep all
+    min_foreground: float = Field(0.0, ge=0, lt=1)
     # which epoch's weights are kept (and what early stopping watches), never an epoch inside the KL warm-up:
     # "recon": lowest validation reconstruction loss (the loss mix without KL, so the beta schedule cannot
     # move it); "pseudo": best mean of image AUROC, pixel AUROC and AUPRO on synthetic anomalies pasted into
@@ -137,6 +142,11 @@ class MapConfig(_Strict):
     ssim: float = Field(0.5, ge=0)
     ssim_window: int = Field(11, ge=3)
     channel_reduce: Literal["mean", "max"] = "mean"
+    # per-channel weights of the map terms before the channel reduction (e.g. [0, 1, 0]: only the FLAIR of
+    # T1/FLAIR/T1c slices); None = all channels alike. "positive" residual: L1/L2 only where the input is
+    # brighter than its reconstruction (hyperintense lesions; dark reconstruction misses do not score)
+    channel_weights: list[float] | None = None
+    residual: Literal["abs", "positive"] = "abs"
     mc_samples: int = Field(0, ge=0)  # 0 = decode the mean only
     # z-score each pixel by the mean/spread of normal maps at that pixel (stats from calibration):
     # "map": the returned map (and so masks and score) is standardised; "score": only the image score is
@@ -171,6 +181,10 @@ class MapConfig(_Strict):
             raise ValueError("at least one of l1, l2, ssim must be > 0")
         if self.ssim_window % 2 == 0:
             raise ValueError(f"ssim_window must be odd, got {self.ssim_window}")
+        if self.channel_weights is not None and (
+            any(w < 0 for w in self.channel_weights) or sum(self.channel_weights) <= 0
+        ):
+            raise ValueError(f"channel_weights must be >= 0 with a positive sum, got {self.channel_weights}")
         if self.scales and self.standardize == "map":
             raise ValueError('scales combine with standardize "off" or "score", not "map"')
         return self
@@ -186,6 +200,12 @@ class PostprocessConfig(_Strict):
     score: Literal["max", "topk_mean", "elbo"] = "max"
     topk: float = Field(0.01, gt=0, le=1)  # fraction of pixels for topk_mean
     border: int = Field(0, ge=0)  # ignore this many model pixels along each border
+    # region of interest: "none" (whole image, or a --roi file when given), "file" (a --roi file is required
+    # at inspection), "auto" (per image, the foreground: body/brain tissue found in the model input by
+    # ops.foreground; the map is 0 outside it, so background never scores or yields a region; calibration
+    # and normal-map statistics use the same foreground)
+    roi: Literal["none", "auto", "file"] = "none"
+    roi_erode: int = Field(0, ge=0)  # roi auto: shrink the foreground by this many model pixels (outline)
 
 
 class CalibrationConfig(_Strict):
@@ -229,6 +249,10 @@ class Config(_Strict):
         h, w = self.preprocess.size
         if h % m or w % m:
             raise ValueError(f"preprocess.size {h}x{w} must be multiples of 2**model.depth = {m}")
+        cw = self.map.channel_weights
+        if cw is not None and len(cw) != self.preprocess.channels:
+            raise ValueError(f"map.channel_weights has {len(cw)} entries, preprocess.channels is "
+                             f"{self.preprocess.channels}")  # fmt: skip
         if self.model.max_channels < self.model.base_channels:
             raise ValueError("model.max_channels must be >= model.base_channels")
         return self

@@ -147,7 +147,8 @@ class TorchBackend:
         gen = torch.Generator(device=self.device).manual_seed(1)
         rep = (k,) + (1,) * (mu.dim() - 1)
         recon = self._decode_sample(mu.repeat(rep), logvar.repeat(rep), gen).float()
-        out = self.head.finish(self.head.raw_map(x.repeat(k, 1, 1, 1), [recon]), kl.repeat(k))
+        xk = x.repeat(k, 1, 1, 1)
+        out = self.head.finish(self.head.raw_map(xk, [recon]), kl.repeat(k), xk)
         h, w = out.maps.shape[-2:]
         ext = {
             "sample_maps": out.maps.reshape(k, n, h, w),
@@ -165,7 +166,7 @@ class TorchBackend:
         latent means (N, D; spatial latents averaged over space), the ELBO's KL term (KL / (C*H*W), N) and,
         with ``samples`` >= 2, ``_sampled``'s Monte-Carlo outputs; the maps do not depend on ``samples``."""
         x, recons, kl, (mu, logvar) = self._forward(views)
-        out = self.head.finish(self.head.raw_map(x, recons), kl)
+        out = self.head.finish(self.head.raw_map(x, recons), kl, x)
         latent = mu.float().flatten(1) if mu.dim() == 2 else mu.float().mean((2, 3))
         extra = {"latent": latent, "kl_term": kl / self.head.numel}
         if samples >= 2:

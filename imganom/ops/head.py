@@ -24,6 +24,7 @@ from torch import nn
 
 from imganom.config import Config, PostprocessConfig
 from imganom.ops.device_post import image_scores_t
+from imganom.ops.foreground import foreground_mask
 from imganom.ops.maps import (
     SSIM_SIGMA,
     SepKernel,
@@ -92,6 +93,7 @@ class AnomalyHead(nn.Module):
         if self.scales:
             self.register_buffer("scale_mean", stats["scale_mean"].float().clone())
             self.register_buffer("scale_std", stats["scale_std"].float().clone())
+        self.roi_auto, self.roi_erode = post.roi == "auto", int(post.roi_erode)
         roi = border_roi((h, w), int(post.border))  # the exported score ignores the border, as Inspector
         self.n_roi = h * w if roi is None else int(roi.sum())
         self.register_buffer("roi", None if roi is None else torch.from_numpy(roi))
@@ -141,8 +143,9 @@ class AnomalyHead(nn.Module):
             n += 1
         return raw / n if n > 1 else raw
 
-    def finish(self, raw: torch.Tensor, kl: torch.Tensor) -> HeadOutput:
-        """ELBO (with ``kl`` = per-view KL divergence), standardisation and smoothing of ``raw_map``'s map."""
+    def finish(self, raw: torch.Tensor, kl: torch.Tensor, x: torch.Tensor | None = None) -> HeadOutput:
+        """ELBO (with ``kl`` = per-view KL divergence), standardisation and smoothing of ``raw_map``'s map;
+        with ``postprocess.roi`` auto, maps are 0 outside the foreground of the views ``x`` (required)."""
         elbo = raw.flatten(1).mean(1) + kl / self.numel
         score_maps = None
         if self.standardize == "score":
@@ -154,12 +157,23 @@ class AnomalyHead(nn.Module):
             raw = multiscale_map(raw, self.scales, self.scale_mean, self.scale_std, kernels)
         elif not self.fused:
             raw = gaussian_blur(raw, self.sigma, self.kernel("blur"))
+        if self.roi_auto:
+            if x is None:
+                raise ValueError("postprocess.roi auto: AnomalyHead.finish needs the views x")
+            fg = self.foreground(x)
+            raw = torch.where(fg, raw, torch.zeros_like(raw))
+            if score_maps is not None:
+                score_maps = torch.where(fg, score_maps, torch.zeros_like(score_maps))
         return HeadOutput(raw, elbo, score_maps)
+
+    def foreground(self, x: torch.Tensor) -> torch.Tensor:
+        """The ROI (N, h, w) bool of views ``x`` under ``postprocess.roi`` auto (``ops.foreground``)."""
+        return foreground_mask(x, self.roi_erode)
 
     def forward(self, x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Model-sized views, their mean reconstruction and KL -> ``output_names`` tensors: the map, the
         image score (float32; the border excluded, no other ROI), the ELBO and, with standardize "score",
         the score map. No Monte-Carlo draws: the exported graph is deterministic."""
-        out = self.finish(self.raw_map(x, [recon]), kl)
+        out = self.finish(self.raw_map(x, [recon]), kl, x)
         score = image_scores(out, self.post_cfg, self.roi, self.n_roi).float()
         return (out.maps, score, out.elbo) + (() if out.score_maps is None else (out.score_maps,))

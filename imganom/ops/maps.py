@@ -100,6 +100,8 @@ def pixel_map(
     """Unsmoothed anomaly map (B, H, W) float32 from input and reconstruction (B, C, H, W)."""
     x, r = x.float(), recon.float()
     d = x - r
+    if cfg.residual == "positive":
+        d = d.clamp_min(0.0)
     m = torch.zeros_like(d)
     if cfg.l1:
         m = m + cfg.l1 * d.abs()
@@ -107,6 +109,10 @@ def pixel_map(
         m = m + cfg.l2 * d * d
     if cfg.ssim:
         m = m + cfg.ssim * 0.5 * (1.0 - ssim_map(x, r, cfg.ssim_window, ssim_kernel))
+    if cfg.channel_weights is not None:  # weighted: max of weighted terms, or their weighted mean
+        wt = torch.tensor(cfg.channel_weights, dtype=m.dtype, device=m.device).view(1, -1, 1, 1)
+        m = m * wt
+        return m.amax(1) if cfg.channel_reduce == "max" else m.sum(1) / float(sum(cfg.channel_weights))
     return m.amax(1) if cfg.channel_reduce == "max" else m.mean(1)
 
 

@@ -220,6 +220,8 @@ def _unsupported(x: torch.Tensor, recon: torch.Tensor, cfg: MapConfig) -> str | 
         return "CUDA is not available"
     if x.dtype not in _INPUT_DTYPES or recon.dtype not in _INPUT_DTYPES:
         return f"dtypes {x.dtype}/{recon.dtype} not supported (float32, float16, bfloat16)"
+    if cfg.channel_weights is not None or cfg.residual != "abs":
+        return "channel_weights / positive residual: torch only"
     if cfg.ssim and cfg.ssim_window // 2 > MAX_RADIUS:
         return f"ssim_window {cfg.ssim_window} larger than {2 * MAX_RADIUS + 1}"
     return None

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imganom.config import AugmentConfig, Config
+from imganom.config import AugmentConfig, Config, IntensityConfig
 from imganom.data.preprocess import prepare
 from imganom.data.pseudo import FAMILIES, add_pseudo_anomaly
 from imganom.data.readers import ImageReadError, read_image, read_options
+from imganom.ops.foreground import empty_slices, foreground_fraction
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class NormalImages(Dataset):
         self.items: list[np.ndarray] = []
         self.ids: list[str] = []
         self.skipped: list[str] = []
+        read: list[str] = []
         for p, i in zip(paths, ids):
             try:
                 chw, _ = read_image(p, **read_options(pp))
@@ -85,12 +87,27 @@ class NormalImages(Dataset):
                 chw = prepare(chw, pp)[0][0]
             self.items.append(np.ascontiguousarray(chw))
             self.ids.append(i)
+            read.append(str(p))
+        if cfg.train.min_foreground and self.items:
+            self._drop_empty(read)
         if not self.items:
             raise ValueError(
                 "no readable training images" + (f" (first error: {self.skipped[0]})" if self.skipped else "")
             )
         self.augment = build_augment(cfg.augment, cfg.train.seed) if train else None
         self.denoise = cfg.train.denoise if train else 0.0
+
+    def _drop_empty(self, paths: list[str]) -> None:
+        """``train.min_foreground``: drop (and note in ``skipped``) empty or near-empty slices, judged on
+        their absolute (dtype) intensities against the whole set (``ops.foreground.empty_slices``)."""
+        pp = self.cfg.preprocess.model_copy(update={"resize": "stretch"})
+        opts = read_options(pp.model_copy(update={"intensity": IntensityConfig(mode="dtype")}))
+        views = torch.from_numpy(np.concatenate([prepare(read_image(p, **opts)[0], pp)[0] for p in paths]))
+        empty, floor = empty_slices(views, self.cfg.train.min_foreground)
+        fracs = foreground_fraction(views, floor)
+        for k in sorted(np.flatnonzero(empty.numpy()), reverse=True):
+            self.skipped.append(f"{paths[k]}: foreground {float(fracs[k]):.3f} below train.min_foreground")
+            del self.items[k], self.ids[k]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from imganom.config import Config, MapConfig
 from imganom.data.pseudo import FAMILIES, pseudo_anomalies
 from imganom.models.vae import ConvVAE
+from imganom.ops.foreground import foreground_mask
 from imganom.ops.head import AnomalyHead, HeadOutput, image_scores
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.metrics import EvalAccumulator, PixelMetrics
@@ -89,9 +90,14 @@ def _sigmas(mcfg: MapConfig, sigma: float) -> list[float]:
     return [float(sigma), *mcfg.scales] if mcfg.scales else []
 
 
-def normal_statistics(raw: torch.Tensor, mcfg: MapConfig, sigma: float) -> dict[str, torch.Tensor]:
+def normal_statistics(
+    raw: torch.Tensor, mcfg: MapConfig, sigma: float, fg: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Calibration's normal-map statistics from raw (unsmoothed) normal maps (N, h, w): per-pixel mean and
-    floored std, and for ``map.scales`` each smoothing scale's global mean and std."""
+    floored std, and for ``map.scales`` each smoothing scale's global mean and std. ``fg`` (N, h, w) bool
+    (``postprocess.roi`` auto): only foreground pixels count, as only they are scored."""
+    if fg is not None:
+        return _masked_statistics(raw, mcfg, sigma, fg)
     r = raw.double()
     std = r.std(0, correction=1) if len(r) > 1 else torch.zeros_like(r[0])
     out = {"map_mean": r.mean(0).float(), "map_std": std.clamp_min(float(std.mean()) * 0.1 + 1e-6).float()}
@@ -103,9 +109,38 @@ def normal_statistics(raw: torch.Tensor, mcfg: MapConfig, sigma: float) -> dict[
     return out
 
 
+def _masked_statistics(
+    raw: torch.Tensor, mcfg: MapConfig, sigma: float, fg: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``normal_statistics`` over foreground pixels only: per pixel, over the maps where it is foreground
+    (pixels never foreground get mean 0 and the std floor); per scale, over all foreground pixels."""
+    r, w = raw.double(), fg.double()
+    cnt = w.sum(0)
+    mean = (r * w).sum(0) / cnt.clamp_min(1)
+    var = (((r - mean) ** 2) * w).sum(0) / (cnt - 1).clamp_min(1)
+    std = var.sqrt()
+    seen = cnt > 1
+    floor = (float(std[seen].mean()) if bool(seen.any()) else 0.0) * 0.1 + 1e-6
+    std = torch.where(seen, std, torch.zeros_like(std))
+    out = {"map_mean": mean.float(), "map_std": std.clamp_min(floor).float()}
+    sig = _sigmas(mcfg, sigma)
+    if sig:
+        vals = [gaussian_blur(raw, s).double()[fg] for s in sig]
+        vals = [v if v.numel() else torch.zeros(1, dtype=torch.float64) for v in vals]
+        out["scale_mean"] = torch.tensor([float(v.mean()) for v in vals], dtype=torch.float32)
+        out["scale_std"] = torch.tensor([max(float(v.std(correction=0)), 1e-6) for v in vals])
+    return out
+
+
 def _with(cfg: Config, mcfg: MapConfig, sigma: float, score: str | None = None) -> Config:
     pp = cfg.postprocess.model_copy(update={"sigma": sigma, "score": score or cfg.postprocess.score})
     return cfg.model_copy(update={"map": mcfg, "postprocess": pp})
+
+
+def roi_of(cfg: Config, views: torch.Tensor) -> torch.Tensor | None:
+    """The foreground (N, h, w) of ``views`` under ``postprocess.roi`` auto (``ops.foreground``) or None."""
+    pp = cfg.postprocess
+    return foreground_mask(views, pp.roi_erode) if pp.roi == "auto" else None
 
 
 def raw_maps(head: AnomalyHead, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -113,11 +148,12 @@ def raw_maps(head: AnomalyHead, x: torch.Tensor, recon: torch.Tensor) -> torch.T
     return head.raw_map(x, [recon], smooth=False, backend="torch")
 
 
-def head_output(head: AnomalyHead, raw: torch.Tensor) -> HeadOutput:
-    """``AnomalyHead`` outputs from unsmoothed raw maps: its smoothing, standardisation and scales."""
+def head_output(head: AnomalyHead, raw: torch.Tensor, x: torch.Tensor | None = None) -> HeadOutput:
+    """``AnomalyHead`` outputs from unsmoothed raw maps of views ``x``: its smoothing, standardisation,
+    scales and (``postprocess.roi`` auto, which needs ``x``) foreground."""
     if head.fused:  # the head smooths the map term in the same pass: the same blur
         raw = gaussian_blur(raw, head.sigma)
-    return head.finish(raw, torch.zeros(len(raw)))
+    return head.finish(raw, torch.zeros(len(raw)), x)
 
 
 def pixel_metrics(maps: torch.Tensor, pset: PseudoSet) -> dict[str, float]:
@@ -164,7 +200,7 @@ def pseudo_score(model: ConvVAE, pset: PseudoSet, cfg: Config, device: torch.dev
     head = AnomalyHead(
         _with(cfg, cfg.map.model_copy(update={"standardize": "off", "scales": []}), cfg.postprocess.sigma)
     )
-    return evaluate(head, head_output(head, raw_maps(head, pset.images, recon)), pset)
+    return evaluate(head, head_output(head, raw_maps(head, pset.images, recon), pset.images), pset)
 
 
 def _candidate_maps(cfg: Config, tile: bool) -> list[MapConfig]:
@@ -218,9 +254,9 @@ def rank_settings(
         pkey = (*key, tuple(mcfg.scales), sigma)
         needs = not tile and (mcfg.standardize != "off" or bool(mcfg.scales))
         if needs and pkey not in stat_cache:
-            stat_cache[pkey] = normal_statistics(raw_n, mcfg, sigma)
+            stat_cache[pkey] = normal_statistics(raw_n, mcfg, sigma, roi_of(cfg, normal_views))
         head = AnomalyHead(_with(cfg, mcfg, sigma), stat_cache[pkey] if needs else None)
-        out = head_output(head, raw_p)
+        out = head_output(head, raw_p, pset.images)
         if pkey not in pix_cache:
             pix_cache[pkey] = pixel_metrics(out.maps, pset)
         for score in SCORES:
@@ -266,9 +302,10 @@ def _scores_of(
     plain = AnomalyHead(cfg)
     stats = None
     if (mcfg.standardize != "off" or mcfg.scales) and cfg.preprocess.resize != "tile":
-        stats = normal_statistics(raw_maps(plain, normal_views, recon_n), mcfg, sigma)
+        raw_n = raw_maps(plain, normal_views, recon_n)
+        stats = normal_statistics(raw_n, mcfg, sigma, roi_of(cfg, normal_views))
     head = AnomalyHead(cfg, stats)
-    return evaluate(head, head_output(head, raw_maps(plain, pset.images, recon_p)), pset)
+    return evaluate(head, head_output(head, raw_maps(plain, pset.images, recon_p), pset.images), pset)
 
 
 def self_check(

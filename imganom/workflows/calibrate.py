@@ -25,6 +25,7 @@ from imganom.inference.inspector import Inspector
 from imganom.ops.latent import fit_latent_stats
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
+from imganom.training import selfcheck
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16)
     """Normal-map statistics at model resolution: per-pixel mean and std of raw (unsmoothed) maps (Welford
     over views; for ``map.standardize``) and, for ``map.scales``, each smoothing scale's mean and std.
     Reads ``insp`` only (``Inspector.raw_maps``); apply them with ``insp.with_calibration(stats=...)``."""
+    if insp.cfg.postprocess.roi == "auto":
+        return _roi_statistics(insp, paths, batch_size)
     h, w = insp.cfg.preprocess.size
     n, mean, m2 = 0, torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
     mcfg, pp = insp.cfg.map, insp.cfg.postprocess
@@ -85,6 +88,20 @@ def map_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int = 16)
     return out
 
 
+def _roi_statistics(insp: Inspector, paths: Sequence[Path], batch_size: int) -> dict[str, torch.Tensor]:
+    """``map_statistics`` under ``postprocess.roi`` auto: over each view's foreground only (in memory: at
+    most ``MAX_STATS_IMAGES`` model-sized maps), by the self-check's ``normal_statistics``."""
+    raws, fgs = [], []
+    for chunk in _chunks(_decoded(insp, paths), batch_size):
+        views = torch.from_numpy(np.concatenate([prepare(c, insp.cfg.preprocess)[0] for _, c, _ in chunk]))
+        raws.append(insp.raw_maps(views).float().cpu())
+        fgs.append(selfcheck.roi_of(insp.cfg, views))
+    if not raws:
+        raise ValueError("calibration: none of the given images could be read")
+    cfg = insp.cfg
+    return selfcheck.normal_statistics(torch.cat(raws), cfg.map, cfg.postprocess.sigma, torch.cat(fgs))
+
+
 def normal_scores(
     insp: Inspector,
     paths: Sequence[Path],
@@ -96,10 +113,12 @@ def normal_scores(
     """Image scores and a uniform sample of pixel scores over the given normal images; their latent means
     are appended to ``latents`` when given (and the backend has them)."""
     scores, res = [], ReservoirSampler(pixel_capacity, seed)
+    roi_auto = insp.cfg.postprocess.roi == "auto"
     for chunk in _chunks(_decoded(insp, paths), batch_size):
         for r in insp.predict_arrays(chunk):
             scores.append(r.score)
-            res.add(r.anomaly_map.ravel())
+            # roi auto: the head leaves the map exactly 0 outside the foreground; only tissue sets thresholds
+            res.add(r.anomaly_map[r.anomaly_map != 0] if roi_auto else r.anomaly_map.ravel())
             if latents is not None and r.latent is not None:
                 latents.append(r.latent)
     if not scores:

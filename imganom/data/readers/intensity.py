@@ -15,8 +15,9 @@ def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) 
 
     'dtype': unsigned ints / dtype max, floats kept if already in [0, 1] else min-max, signed ints min-max.
     'percentile': window [p_low, p_high] computed per image over all channels together (keeps the colour
-    balance). 'fixed': window [low, high] in raw units. Flat images give zeros. ``dtype`` selects the 'dtype'
-    rule (pass the stored dtype); NaN/Inf values raise ``ValueError``.
+    balance). 'fixed': window [low, high] in raw units. 'foreground': per channel, [low, high] robust
+    standard deviations around the foreground median (``foreground_window``). Flat images give zeros.
+    ``dtype`` selects the 'dtype' rule (pass the stored dtype); NaN/Inf values raise ``ValueError``.
     """
     dt = np.dtype(dtype)
     if arr.dtype.kind == "b":
@@ -28,11 +29,10 @@ def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) 
     if cfg.mode == "fixed":
         return window(arr, cfg.low, cfg.high)
     if cfg.mode == "percentile":
-        flat = arr.reshape(-1)
-        if flat.size > PERCENTILE_SAMPLE:
-            flat = flat[:: -(-flat.size // PERCENTILE_SAMPLE)]
-        lo, hi = np.percentile(flat, [cfg.low, cfg.high])
+        lo, hi = np.percentile(_sample(arr), [cfg.low, cfg.high])
         return window(arr, float(lo), float(hi))
+    if cfg.mode == "foreground":
+        return foreground_window(arr, cfg.low, cfg.high)
     if dt.kind == "b":
         return _float32(arr)
     if dt.kind == "u":
@@ -41,6 +41,40 @@ def normalize_intensity(arr: np.ndarray, cfg: IntensityConfig, dtype: np.dtype) 
     if dt.kind == "f" and lo >= 0.0 and hi <= 1.0:
         return _float32(arr)
     return window(arr, lo, hi)
+
+
+def _sample(arr: np.ndarray) -> np.ndarray:
+    """All values of ``arr`` flattened, or an evenly strided sample of ``PERCENTILE_SAMPLE`` of them."""
+    flat = arr.reshape(-1)
+    return flat[:: -(-flat.size // PERCENTILE_SAMPLE)] if flat.size > PERCENTILE_SAMPLE else flat
+
+
+FOREGROUND_LEVEL = 0.1  # tissue: channel mean above p1 + this fraction of (p99 - p1)
+
+
+def foreground_window(arr: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Intensity mode 'foreground' on CHW (or HW) raw values: each channel windowed to
+    [median + low * s, median + high * s], median and s (IQR / 1.349, a robust standard deviation) taken over
+    the image's foreground pixels only (channel mean above ``FOREGROUND_LEVEL`` of its p1..p99 range); the
+    window never starts below the median of the background (air stays 0).
+
+    Air does not enter the statistics and a bright lesion (a minority of the tissue) barely moves a median
+    or an IQR, so unlike a percentile window it neither sets the top of the range nor compresses the rest
+    of the tissue. Channels are windowed separately (MRI sequences have unrelated scales)."""
+    chw = arr[None] if arr.ndim == 2 else arr
+    g = chw.mean(0, dtype=np.float64)
+    p1, p99 = np.percentile(_sample(g), [1, 99])
+    fg = g > p1 + FOREGROUND_LEVEL * (p99 - p1)
+    if not fg.any():  # flat image: all background
+        fg = np.ones_like(fg)
+    out = np.empty(chw.shape, np.float32)
+    for c, plane in enumerate(chw):
+        q25, med, q75 = np.percentile(_sample(plane[fg]), [25, 50, 75])
+        s = float(q75 - q25) / 1.349 or float(np.std(plane[fg]))
+        air = float(np.median(plane[~fg])) if not fg.all() else -np.inf
+        lo = max(float(med) + low * s, air)  # air is 0 even where tissue varies more than |low| SDs
+        out[c] = window(plane, lo, max(float(med) + high * s, lo))
+    return out[0] if arr.ndim == 2 else out
 
 
 def window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -28,8 +28,8 @@ def test_preset_values_are_applied() -> None:
     assert load_config("industrial-rgb").preprocess.channels == 3
     assert load_config("industrial-rgb").map.channel_reduce == "max"
     mri = load_config("medical-mri")
-    assert (mri.preprocess.resize, mri.preprocess.intensity.mode) == ("letterbox", "percentile")
-    assert mri.preprocess.channel_policy == "strict" and mri.postprocess.border == 2
+    assert (mri.preprocess.resize, mri.preprocess.intensity.mode) == ("letterbox", "foreground")
+    assert mri.preprocess.channel_policy == "strict" and mri.postprocess.roi == "auto"
     assert load_config(None) == Config()
 
 

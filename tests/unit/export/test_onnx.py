@@ -190,7 +190,8 @@ def test_standardized_model_exports_its_stats(trained: dict) -> None:
 @pytest.mark.parametrize(
     "name, overrides",
     [("topk", {"postprocess": {"score": "topk_mean", "topk": 0.02, "border": 2}}),
-     ("elbo_tile", {"postprocess": {"score": "elbo"}, "preprocess": {"resize": "tile"}})],
+     ("elbo_tile", {"postprocess": {"score": "elbo"}, "preprocess": {"resize": "tile"}}),
+     ("roi_auto", {"postprocess": {"roi": "auto", "roi_erode": 1}, "map": {"residual": "positive"}})],
 )  # fmt: skip
 def test_score_variants_and_tiles(trained: dict, name: str, overrides: dict) -> None:
     path = _variant(trained, name, **overrides)
