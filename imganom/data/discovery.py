@@ -164,6 +164,20 @@ def is_mvtec_root(root: str | Path) -> bool:
     return (Path(root) / "train" / "good").is_dir()
 
 
+def normal_images(data: str | Path) -> tuple[Path, list[Path]]:
+    """(folder, images) of normal training data: ``train/good`` of an MVTec root, else every image under
+    ``data``. Raises FileNotFoundError when ``data`` is not a folder, ValueError when it holds no image."""
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training data folder not found: {root}")
+    if is_mvtec_root(root):
+        root = root / "train" / "good"
+    paths = find_images(root)
+    if not paths:
+        raise ValueError(f"no images found under {root}")
+    return root, paths
+
+
 def scan_mvtec(root: str | Path) -> MVTecLayout:
     """Index an MVTec-style dataset; defect images without a mask get ``mask_path=None`` and are listed."""
     root = Path(root)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from imganom.config import Config
-from imganom.data.discovery import find_images, is_mvtec_root
+from imganom.data.discovery import normal_images
 from imganom.data.preprocess import prepare
 from imganom.data.readers import ImageReadError, read_image, read_options
 from imganom.export.onnx import ExportError, ExportReport, export_onnx
@@ -47,16 +47,13 @@ def calibration_images(training: dict[str, Any], calib: str | Path | None) -> tu
     src = calib if calib is not None else training.get("data")
     if not src:
         raise ExportError("--int8 needs normal images: the model records no training data; pass --calib DIR")
-    root = Path(src)
-    if not root.is_dir():
+    try:
+        return normal_images(src)
+    except FileNotFoundError:
         what = "--calib" if calib is not None else "the model's training data folder"
-        raise ExportError(f"{what} {root} is not a folder; pass --calib DIR with normal images")
-    if is_mvtec_root(root):
-        root = root / "train" / "good"
-    paths = find_images(root)
-    if not paths:
-        raise ExportError(f"no images found under {root} for INT8 calibration")
-    return root, paths
+        raise ExportError(f"{what} {src} is not a folder; pass --calib DIR with normal images") from None
+    except ValueError as e:
+        raise ExportError(f"{e} for INT8 calibration") from None
 
 
 def calibration_views(

@@ -5,19 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from imganom.config import Config
-from imganom.data.discovery import find_images, is_mvtec_root, relative_id, train_val_split
+from imganom.data.discovery import normal_images, relative_id, train_val_split
 
 
 def training_images(data: str | Path) -> tuple[list[Path], list[str]]:
     """Normal training images: ``train/good`` of an MVTec root, else every image under the folder."""
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data folder not found: {root}")
-    if is_mvtec_root(root):
-        root = root / "train" / "good"
-    paths = find_images(root)
-    if not paths:
-        raise ValueError(f"no images found under {root}")
+    root, paths = normal_images(data)
     return paths, [relative_id(p, root) for p in paths]
 
 
