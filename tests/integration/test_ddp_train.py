@@ -5,6 +5,7 @@ interrupted in one process resumes in two."""
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import cli_env
+from safetensors import safe_open
 
 from imganom.config import load_config
 from imganom.data.synth import make_dataset
@@ -94,8 +96,10 @@ def test_resume_in_another_world_size(data: Path, tmp_path: Path) -> None:
     one.send_signal(signal.SIGINT)
     _, err = one.communicate(timeout=120)
     assert one.returncode == 130, err[-3000:]  # interrupted: a checkpoint of the last completed epoch
-    done = len(_log(run))
-    assert 1 <= done < 12
+    with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
+        kept = json.loads(f.metadata()["imganom_ckpt"])["epoch"]  # epochs the checkpoint has completed
+    assert kept < 12, "the run finished before SIGINT: nothing to resume"
+    assert [int(r["epoch"]) for r in _log(run)][:kept] == list(range(1, kept + 1))
 
     p = subprocess.run([sys.executable, "-m", "imganom", "train", *args, "--resume", "--nproc", "2"],
                        capture_output=True, text=True, env=cli_env(), timeout=600)  # fmt: skip
