@@ -13,6 +13,9 @@ channel count, randomly initialised with a calibration from its own scores, so m
 * batch-1 latency: ``Inspector.predict(path)`` one file at a time (decode, model, post-processing; no files
   written), p50 and p99 over ``--latency-calls`` calls.
 
+Backend ``openvino-int8`` is OpenVINO running the same model exported as an INT8 IR (``imganom export --format
+openvino --int8``, NNCF calibrated on 64 of the images; random weights, so it measures speed only).
+
 Backends are measured in interleaved rounds (each round runs every backend once), and the medians over
 ``--rounds`` are reported, so a change in machine load hits every backend alike. ``--profile`` adds the CPU
 time (``time.thread_time``, less sensitive to other processes than wall time) of each stage of the same work
@@ -48,6 +51,13 @@ from imganom.data.readers import read_image, read_options, to_uint8_preview  # n
 from imganom.formats.modelfile import save_model  # noqa: E402
 from imganom.inference import Inspector  # noqa: E402
 from imganom.models.vae import ConvVAE  # noqa: E402
+
+INT8 = "openvino-int8"  # a backend name of this tool: openvino running the model's INT8 IR
+
+
+def runtime(backend: str) -> str:
+    """The ``--backend`` that runs this tool's ``backend`` (``openvino-int8`` -> ``openvino``)."""
+    return "openvino" if backend == INT8 else backend
 
 
 def make_data(root: Path, n: int, size: int, channels: int) -> Path:
@@ -121,13 +131,13 @@ def end_to_end(model: Path, folder: Path, out: Path, backend: str, a: argparse.N
         env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}  # as it ran: without it
         env, cwd = {**env, "PYTHONPATH": str(a.before)}, a.before
     else:
-        cmd += ["--backend", backend, "--threads", str(a.threads), "--overlays", a.overlays]
+        cmd += ["--backend", runtime(backend), "--threads", str(a.threads), "--overlays", a.overlays]
         cmd += ["--decode", a.decode]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if p.returncode != 0:
         raise RuntimeError(f"imganom inspect failed ({p.returncode}):\n{p.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
-    assert s["model"].get("backend", {"name": "before"})["name"] == backend, s["model"]
+    assert s["model"].get("backend", {"name": "before"})["name"] == runtime(backend), s["model"]
     return {"img_s": s["throughput_img_s"], "ng": s["counts"]["ng"], "errors": s["counts"]["error"]}
 
 
@@ -219,7 +229,15 @@ def bench_config(
     folder = make_data(work / f"data-{tag}", a.images, size, ch)
     paths = find_images(folder)
     model = make_model(work / f"model-{tag}.safetensors", size, ch, paths[::5])
-    insps = {b: Inspector.load(model, device="cpu", backend=b, threads=a.threads) for b in backends}
+    files = {b: model for b in backends}
+    if INT8 in backends:  # the same model as an INT8 OpenVINO IR (NNCF, calibrated on these images)
+        from imganom.export.openvino import export_openvino
+
+        files[INT8] = work / f"model-{tag}-int8.xml"
+        export_openvino(model, files[INT8], int8=True, calib=folder, calib_size=64)
+    insps = {
+        b: Inspector.load(files[b], device="cpu", backend=runtime(b), threads=a.threads) for b in backends
+    }
     fwd = {b: Forward(insps[b], paths[:64], a.batch) for b in backends}
     f_runs: dict[str, list[tuple[float, float]]] = {b: [] for b in backends}
     e_runs: dict[str, list[dict]] = {b: [] for b in backends}
@@ -227,7 +245,7 @@ def bench_config(
     for _ in range(a.rounds):
         for b in backends:
             f_runs[b].append(fwd[b].run())
-            e_runs[b].append(end_to_end(model, folder, work / f"out-{tag}-{b}", b, a, env))
+            e_runs[b].append(end_to_end(files[b], folder, work / f"out-{tag}-{b}", b, a, env))
             load.append(os.getloadavg()[0])
         if a.before:
             before.append(end_to_end(model, folder, work / f"out-{tag}-before", "before", a, env)["img_s"])

@@ -212,6 +212,10 @@ class CalibrationConfig(_Strict):
     target_fpr: float = Field(0.01, gt=0, lt=0.5)
     confidence: float = Field(0.9, gt=0, lt=1)  # upper confidence bound on the quantile
     pixel_quantile: float = Field(0.999, gt=0.5, lt=1)
+    # > 0: the image score is divided by the mean raw score of this many training normals nearest in latent
+    # space (ops.neighbours): an easy-to-reconstruct normal and a hard one are judged against their peers;
+    # the references are kept at calibration. 0 = the raw score. Needs one view per image (no tiles).
+    neighbours: int = Field(0, ge=0, le=256)
 
 
 class UncertaintyConfig(_Strict):
@@ -255,6 +259,9 @@ class Config(_Strict):
                              f"{self.preprocess.channels}")  # fmt: skip
         if self.model.max_channels < self.model.base_channels:
             raise ValueError("model.max_channels must be >= model.base_channels")
+        if self.calibration.neighbours and self.preprocess.resize == "tile":
+            raise ValueError("calibration.neighbours needs one view per image: preprocess.resize stretch or "
+                             "letterbox, not tile")  # fmt: skip
         return self
 
 

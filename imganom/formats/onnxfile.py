@@ -25,6 +25,7 @@ ONNX_FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score", "elbo")  # + "score_map" with map.standardize = "score"
 SCORE_MAP = "score_map"
+REFERENCE = "reference"  # (N,) neighbours' mean raw score, with calibration.neighbours (ops.neighbours)
 META_PREFIX = "imganom."
 
 

@@ -38,7 +38,7 @@ class InspectionGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = images.float()
         mu, logvar, recon = self.vae.reconstruct(x)
-        return self.head(x, recon.float(), kl_divergence(mu.float(), logvar.float()))
+        return self.head(x, recon.float(), kl_divergence(mu.float(), logvar.float()), mu)
 
 
 def trace_onnx(

@@ -26,6 +26,7 @@ from imganom.config import Config
 from imganom.formats.modelfile import ModelFileError, ModelMeta
 from imganom.formats.onnxfile import (
     INPUT_NAME,
+    REFERENCE,
     SCORE_MAP,
     model_meta_from_onnx,
     open_session,
@@ -101,10 +102,12 @@ class TorchBackend:
         """Smoothing scales of the multi-scale map ([] = single scale, also while uncalibrated)."""
         return list(self.head.scales)
 
-    def with_stats(self, stats: Mapping[str, torch.Tensor]) -> TorchBackend:
-        """The same model (and lock) with these normal-map statistics added to the current ones."""
+    def with_stats(self, stats: Mapping[str, torch.Tensor], replace: bool = False) -> TorchBackend:
+        """The same model (and lock) with these normal-map statistics added to the current ones (instead
+        of them with ``replace``)."""
         new = copy.copy(self)
-        new.stats = {**self.stats, **{k: v.to(self.device) for k, v in stats.items()}}
+        old = {} if replace else self.stats
+        new.stats = {**old, **{k: v.to(self.device) for k, v in stats.items()}}
         new.head = AnomalyHead(self.cfg, new.stats).to(self.device)
         return new
 
@@ -167,6 +170,7 @@ class TorchBackend:
         with ``samples`` >= 2, ``_sampled``'s Monte-Carlo outputs; the maps do not depend on ``samples``."""
         x, recons, kl, (mu, logvar) = self._forward(views)
         out = self.head.finish(self.head.raw_map(x, recons), kl, x)
+        out = out._replace(reference=self.head.reference_of(mu))
         latent = mu.float().flatten(1) if mu.dim() == 2 else mu.float().mean((2, 3))
         extra = {"latent": latent, "kl_term": kl / self.head.numel}
         if samples >= 2:
@@ -238,6 +242,7 @@ class GraphBackend:
         if not {"anomaly_map", "elbo"} <= set(outputs):
             raise ModelFileError(f"{path}: graph outputs {sorted(outputs)} lack anomaly_map/elbo")
         self._outputs = ["anomaly_map", "elbo"] + ([SCORE_MAP] if SCORE_MAP in outputs else [])
+        self._outputs += [REFERENCE] if REFERENCE in outputs else []
 
     @classmethod
     def open(
@@ -261,7 +266,12 @@ class GraphBackend:
             d = parse_onnx_props(props, p) if props is not None else read_onnx_meta(p)
             meta, export_info = model_meta_from_onnx(d, p), d.get("export")
         cls._check(meta, precision)
-        return cls(runtime, meta.cfg, p, export_info, threads, OPENVINO_PRECISIONS[precision]), meta
+        be = cls(runtime, meta.cfg, p, export_info, threads, OPENVINO_PRECISIONS[precision])
+        if meta.cfg.calibration.neighbours and meta.calibration and REFERENCE not in be._outputs:
+            raise ModelFileError(f"{p}: the model's thresholds are on scores relative to its nearest normals "
+                                 "(calibration.neighbours) but the graph has no 'reference' output: export "
+                                 "the model again with this version")  # fmt: skip
+        return be, meta
 
     @classmethod
     def _load(cls, path: Path, device: str, threads: int | None, precision: str) -> tuple[Any, dict | None]:
@@ -292,7 +302,7 @@ class GraphBackend:
         """The smoothing scales baked into the graph (export metadata)."""
         return list(self.export_info.get("scales") or [])
 
-    def with_stats(self, stats: Mapping[str, torch.Tensor]) -> GraphBackend:
+    def with_stats(self, stats: Mapping[str, torch.Tensor], replace: bool = False) -> GraphBackend:
         raise RuntimeError(
             "normal-map statistics are baked into the ONNX graph; recalibrate the .safetensors model "
             "and export it again"
@@ -303,8 +313,8 @@ class GraphBackend:
         The graph is deterministic and has no latent outputs: no ``extra`` (no uncertainty, latents or ELBO
         decomposition), whatever ``samples``."""
         x = np.ascontiguousarray(views.detach().cpu().numpy(), dtype=np.float32)
-        out = [torch.from_numpy(o) for o in self._run(x)]
-        return HeadOutput(out[0], out[1], out[2] if len(out) > 2 else None)
+        out = dict(zip(self._outputs, (torch.from_numpy(o) for o in self._run(x))))
+        return HeadOutput(out["anomaly_map"], out["elbo"], out.get(SCORE_MAP), out.get(REFERENCE))
 
     def raw_maps(self, views: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(

@@ -75,6 +75,7 @@ def _chunk_groups(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]
     s, e = batch.offsets[idx[0]], batch.offsets[idx[-1] + 1]
     ho = insp.model_maps_scored(x[s:e])
     maps, elbo, smaps = ho.maps, ho.elbo, ho.score_maps
+    ref = torch.ones_like(elbo) if ho.reference is None else ho.reference.to(elbo.dtype)
     geoms = [batch.geoms[i] for i in idx]
     g0 = geoms[0]
     if all(g.mode == "stretch" and g.original == g0.original for g in geoms):  # one view each: batched
@@ -89,16 +90,20 @@ def _chunk_groups(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]
         spans = [(p, p + 1) for p in range(len(idx))]
         batch.extras.update(zip(idx, image_extras(insp, ho, spans, lambda m, p: up(m)[0])))
         return [
-            (list(range(len(idx))), HeadOutput(up(maps), elbo.double(), None if smaps is None else up(smaps)))
+            (
+                list(range(len(idx))),
+                HeadOutput(up(maps), elbo.double(), None if smaps is None else up(smaps), ref.double()),
+            )
         ]
     spans = [(batch.offsets[i] - s, batch.offsets[i + 1] - s) for i in idx]
     batch.extras.update(zip(idx, image_extras(insp, ho, spans, lambda m, p: to_original(m, geoms[p]))))
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-    amaps, elbos, smaps_o = [], [], []
+    amaps, elbos, refs, smaps_o = [], [], [], []
     for p, i in enumerate(idx):
         a, b = batch.offsets[i] - s, batch.offsets[i + 1] - s
         amaps.append(to_original(maps[a:b], batch.geoms[i]))
         elbos.append(elbo[a:b].mean())
+        refs.append(ref[a:b].mean())
         if smaps is not None:
             smaps_o.append(to_original(smaps[a:b], batch.geoms[i]))
         by_shape[tuple(amaps[-1].shape)].append(p)
@@ -109,6 +114,7 @@ def _chunk_groups(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]
                 torch.stack([amaps[p] for p in ps]),
                 torch.stack([elbos[p] for p in ps]).double(),
                 torch.stack([smaps_o[p] for p in ps]) if smaps is not None else None,
+                torch.stack([refs[p] for p in ps]).double(),
             ),
         )
         for ps in by_shape.values()
@@ -138,7 +144,7 @@ def _device_chunk(insp: Inspector, batch: Batch, x: torch.Tensor, idx: list[int]
                 else image_scores(ho, pp, roi_t, n_roi)
             )
             finite, nonempty = torch.ones_like(elbo), torch.zeros_like(elbo)
-        stats = torch.stack([score, finite, elbo, nonempty], 1)
+        stats = torch.stack([score, finite, elbo, nonempty, ho.reference], 1)  # reference: 1 without
         for row, p in enumerate(ps):
             out[p] = (maps, masks, stats, row)
     return out
@@ -199,7 +205,7 @@ def _collect(insp: Inspector, batch: Batch, keep_image: bool) -> list[Result]:
     if n == 0:
         return []
     stat_blocks = batch.stats.wait()
-    st = np.stack([stat_blocks[batch.stat_pos[s]][r] for _, _, s, r in batch.refs])  # (n, 4)
+    st = np.stack([stat_blocks[batch.stat_pos[s]][r] for _, _, s, r in batch.refs])  # (n, 5)
     infer_ms = (time.perf_counter() - batch.t0) * 1e3 / n
     timings = [{"decode": d, "infer": infer_ms} for d in batch.decode_ms]
     if not (insp.device_postprocess or insp.maps != "all"):  # host post-processing, as on the CPU
@@ -215,13 +221,14 @@ def _collect(insp: Inspector, batch: Batch, keep_image: bool) -> list[Result]:
                 timings[j],
                 keep_image,
                 score=float(st[j, 0]) if given else None,
+                reference=float(st[j, 4]),
             )  # fmt: skip
             for j, ((i, chw, m), (b, _, _, r)) in enumerate(zip(batch.items, batch.refs))
         ]
     pp, thr_i, thr_p = insp.cfg.postprocess, insp.image_threshold, insp.pixel_threshold
     if (pp.score != "elbo" or thr_p is not None) and not st[:, 1].all():
         raise ValueError("anomaly map contains NaN or inf values")
-    scores = st[:, 0]
+    scores = st[:, 0] / st[:, 4]  # relative to the nearest normals' mean (calibration.neighbours), else / 1
     bad = scores > thr_i if thr_i is not None else np.zeros(n, bool)
     need = np.ones(n, bool) if insp.maps == "all" else bad if insp.maps == "ng" else np.zeros(n, bool)
     got = _fetch(insp, batch, need)

@@ -44,6 +44,8 @@ def image_extras(
     for p, (a, b) in enumerate(spans):
         d = {"latent": ext["latent"][a:b].mean(0), "kl_term": ext["kl_term"][a:b].mean(),
              "elbo": ho.elbo[a:b].double().mean()}  # fmt: skip
+        if ho.reference is not None:  # scores relative to the nearest normals (ops.neighbours)
+            d["reference"] = ho.reference[a:b].double().mean()
         if "sample_maps" in ext:
             k = ext["sample_maps"].shape[0]
             sm = torch.stack([resample(ext["sample_maps"][j, a:b], p) for j in range(k)])
@@ -53,6 +55,8 @@ def image_extras(
             _, roi_t, n_roi = insp.roi_tensors(tuple(sm.shape[-2:]))
             selbo = ext["sample_elbo"][:, a:b].double().mean(1)
             d["sample_scores"] = image_scores(HeadOutput(sm, selbo, ssm), insp.cfg.postprocess, roi_t, n_roi)
+            if "reference" in d:
+                d["sample_scores"] = d["sample_scores"] / d["reference"]
             d["recon_std"] = resample(ext["recon_std"][a:b], p)
             if insp.pixel_threshold is not None:
                 d["sample_exceed"] = sm > insp.pixel_threshold
@@ -66,6 +70,9 @@ def explanation(insp: Inspector, r: Result, ex: dict[str, np.ndarray], pixels: l
     (``ops.uncertainty``)."""
     elbo, kl = float(ex["elbo"]), float(ex["kl_term"])
     d: dict = {"score_rule": insp.cfg.postprocess.score, "elbo": elbo, "recon_term": elbo - kl, "kl_term": kl}
+    if "reference" in ex:  # score = raw score / the nearest normals' mean raw score
+        ref = float(ex["reference"])
+        d.update(raw_score=r.score * ref, neighbours=insp.cfg.calibration.neighbours, neighbours_mean=ref)
     thr_p = r.thresholds.get("pixel")
     if r.anomaly_map is not None and thr_p is not None:
         total, shares = mass_shares(r.anomaly_map, thr_p, pixels, insp.roi_for(r.anomaly_map.shape))

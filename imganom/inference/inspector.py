@@ -148,12 +148,16 @@ class Inspector:
         return new
 
     def with_calibration(
-        self, calibration: dict[str, Any] | None = None, stats: Mapping[str, torch.Tensor] | None = None
+        self,
+        calibration: dict[str, Any] | None = None,
+        stats: Mapping[str, torch.Tensor] | None = None,
+        replace_stats: bool = False,
     ) -> Inspector:
         """A new Inspector with this calibration (its thresholds, as at load) and/or these normal-map
-        statistics (added to the model's); this one is unchanged."""
+        statistics (added to the model's, or instead of them with ``replace_stats``); this one is
+        unchanged."""
         meta = self.meta if calibration is None else dataclasses.replace(self.meta, calibration=calibration)
-        backend = self.backend if stats is None else self.backend.with_stats(stats)
+        backend = self.backend if stats is None else self.backend.with_stats(stats, replace=replace_stats)
         if calibration is None:
             return self._derive(backend, meta, image_threshold=self.image_threshold,
                                 pixel_threshold=self.pixel_threshold)  # fmt: skip
@@ -282,14 +286,17 @@ class Inspector:
         timing: dict[str, float],
         keep_image: bool = False,
         score: float | None = None,
+        reference: float = 1.0,
     ) -> Result:
-        """Original-size map (tensor) -> score (unless given), verdict, mask and regions, on the host."""
+        """Original-size map (tensor) -> score (unless given; divided by the neighbours' ``reference``),
+        verdict, mask and regions, on the host."""
         t0 = time.perf_counter()
         amap = amap_t.cpu().numpy().astype(np.float32, copy=False)
         roi = self.roi_for(amap.shape)
         if score is None:
             pp = self.cfg.postprocess
             score = float(elbo) if pp.score == "elbo" else image_score(amap, pp, roi)
+        score = score / reference
         if self.pixel_threshold is not None:
             mask, regions = postprocess(amap, self.pixel_threshold, self.cfg.postprocess, roi)
         else:

@@ -34,6 +34,7 @@ from imganom.ops.maps import (
     pixel_map,
     sep_kernel,
 )
+from imganom.ops.neighbours import NeighbourReference, has_reference
 from imganom.ops.postprocess import border_roi
 from imganom.ops.triton_maps import fused_anomaly_map, map_backend
 
@@ -46,6 +47,7 @@ class HeadOutput(NamedTuple):
     maps: torch.Tensor  # (N, h, w) float32: the smoothed map (masks, regions; the score unless score_maps)
     elbo: torch.Tensor  # (N,) float32: negative ELBO per view
     score_maps: torch.Tensor | None  # (N, h, w) standardised smoothed maps (standardize "score"), else None
+    reference: torch.Tensor | None = None  # (N,) neighbours' mean raw score (calibration.neighbours)
 
 
 def image_scores(
@@ -97,6 +99,8 @@ class AnomalyHead(nn.Module):
         roi = border_roi((h, w), int(post.border))  # the exported score ignores the border, as Inspector
         self.n_roi = h * w if roi is None else int(roi.sum())
         self.register_buffer("roi", None if roi is None else torch.from_numpy(roi))
+        k = int(cfg.calibration.neighbours)
+        self.reference = NeighbourReference(stats, k) if k and has_reference(stats) else None
 
     def _kernel(self, name: str, taps: torch.Tensor, channels: int) -> None:
         """Keep a ``SepKernel`` as two buffers (they follow the module's device) and its radius."""
@@ -112,7 +116,15 @@ class AnomalyHead(nn.Module):
     @property
     def output_names(self) -> tuple[str, ...]:
         """Names of ``forward``'s outputs, in order (the exported graph's outputs)."""
-        return ("anomaly_map", "score", "elbo") + (("score_map",) if self.standardize == "score" else ())
+        names = ("anomaly_map", "score", "elbo") + (("score_map",) if self.standardize == "score" else ())
+        return names + (("reference",) if self.reference is not None else ())
+
+    def reference_of(self, mu: torch.Tensor) -> torch.Tensor | None:
+        """The neighbours' mean raw score (N,) for posterior means ``mu`` (spatial latents averaged over
+        space), or None without ``calibration.neighbours`` references."""
+        if self.reference is None:
+            return None
+        return self.reference(mu.float().flatten(1) if mu.dim() == 2 else mu.float().mean((2, 3)))
 
     def map_term(
         self, x: torch.Tensor, recon: torch.Tensor, smooth: bool, backend: str | None = None
@@ -170,10 +182,20 @@ class AnomalyHead(nn.Module):
         """The ROI (N, h, w) bool of views ``x`` under ``postprocess.roi`` auto (``ops.foreground``)."""
         return foreground_mask(x, self.roi_erode)
 
-    def forward(self, x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Model-sized views, their mean reconstruction and KL -> ``output_names`` tensors: the map, the
-        image score (float32; the border excluded, no other ROI), the ELBO and, with standardize "score",
-        the score map. No Monte-Carlo draws: the exported graph is deterministic."""
+    def forward(
+        self, x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, mu: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Model-sized views, their mean reconstruction, KL and posterior mean -> ``output_names`` tensors:
+        the map, the image score (float32; the border excluded, no other ROI; divided by the reference),
+        the ELBO, with standardize "score" the score map and, with neighbours, the reference. No
+        Monte-Carlo draws: the exported graph is deterministic."""
         out = self.finish(self.raw_map(x, [recon]), kl, x)
         score = image_scores(out, self.post_cfg, self.roi, self.n_roi).float()
-        return (out.maps, score, out.elbo) + (() if out.score_maps is None else (out.score_maps,))
+        ref = None
+        if self.reference is not None:
+            if mu is None:
+                raise ValueError("calibration.neighbours: AnomalyHead.forward needs the posterior mean mu")
+            ref = self.reference_of(mu)
+            score = score / ref
+        extra = (() if out.score_maps is None else (out.score_maps,)) + (() if ref is None else (ref,))
+        return (out.maps, score, out.elbo) + extra

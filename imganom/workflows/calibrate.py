@@ -24,6 +24,8 @@ from imganom.data.readers import ImageReadError, read_image, read_options
 from imganom.inference.inspector import Inspector
 from imganom.ops.latent import fit_latent_stats
 from imganom.ops.maps import gaussian_blur
+from imganom.ops.neighbours import KEYS as NEIGHBOUR_KEYS
+from imganom.ops.neighbours import MAX_REFERENCE, fit_reference, has_reference
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
 from imganom.training import selfcheck
 
@@ -126,6 +128,32 @@ def normal_scores(
     return np.asarray(scores), res.sample()
 
 
+def _without_reference(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: v for key, v in stats.items() if key not in NEIGHBOUR_KEYS}
+
+
+def neighbour_reference(
+    insp: Inspector, paths: Sequence[Path], k: int, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """Raw scores and latent means of (up to ``MAX_REFERENCE``) normal ``paths`` -> the neighbour reference
+    stats tensors (``ops.neighbours``). Scored with ``insp``'s normal-map statistics, without any reference
+    it may already hold. Torch backend (a graph has no latent output to fit on)."""
+    paths = list(paths)
+    if len(paths) > MAX_REFERENCE:
+        paths = paths[:: -(-len(paths) // MAX_REFERENCE)]
+    raw = insp.with_calibration(stats=_without_reference(insp.stats), replace_stats=True)
+    scores, zs = [], []
+    for chunk in _chunks(_decoded(raw, paths), batch_size):
+        for r in raw.predict_arrays(chunk):
+            if r.latent is None:
+                raise ValueError("calibration.neighbours needs latent means: calibrate the .safetensors file")
+            scores.append(r.score)
+            zs.append(r.latent)
+    if not scores:
+        raise ValueError("calibration: none of the reference images could be read")
+    return fit_reference(np.stack(zs), np.asarray(scores), k)
+
+
 def image_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, float]:
     """Image score per readable path (``str(path)`` keys); unreadable images are logged and left out."""
     out: dict[str, float] = {}
@@ -168,22 +196,29 @@ def calibrate(
     have = (mcfg.standardize == "off" or "map_mean" in insp.stats) and (
         not mcfg.scales or "scale_mean" in insp.stats
     )
+    k = int(insp.cfg.calibration.neighbours)
+    need_ref = bool(k) and not (keep_stats and has_reference(insp.stats))
+    need_stats = wants and not (keep_stats and have) and insp.cfg.preprocess.resize != "tile"
+    if (need_stats or need_ref) and stats_paths is None:
+        paths = list(paths)
+        if len(paths) >= 4:
+            stats_paths, paths = paths[::2], paths[1::2]
+        else:
+            stats_paths = paths
+            log.warning("calibration: fewer than 4 images; normal-map statistics from the same images")
     if wants and keep_stats and have:
         log.info("calibration: keeping the model's normal-map statistics")
     elif wants and insp.cfg.preprocess.resize == "tile":
         log.warning("calibration: map.standardize/map.scales are not used with resize=tile")
     elif wants:
-        paths = list(paths)
-        if stats_paths is None and len(paths) >= 4:
-            stats_paths, paths = paths[::2], paths[1::2]
-        elif stats_paths is None:
-            stats_paths = paths
-            log.warning("calibration: fewer than 4 images; normal-map statistics from the same images")
         sp = list(stats_paths)
         if len(sp) > MAX_STATS_IMAGES:
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
     scorer = insp.with_calibration(stats=stats) if stats else insp
+    if need_ref:  # reference normals: the same images as the statistics, never those that set thresholds
+        stats = {**stats, **neighbour_reference(scorer, list(stats_paths), k, batch_size)}
+        scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     zs: list[np.ndarray] = []
     scores, pix = normal_scores(scorer, paths, batch_size, latents=zs if latents else None)
     if len(zs) >= 3:  # the normals' latent space (ops.latent): Mahalanobis score, 2-D view

@@ -398,13 +398,15 @@ def test_self_check_maps_are_the_inspectors(synth_root: Path, tmp_path: Path) ->
         list(NormalImages(res.val_paths, [p.name for p in res.val_paths], cfg, train=False).views().numpy()),
         0,
     )
-    want_maps, _, want_scores = insp.model_maps_scored(pset.images)
+    want = insp.model_maps_scored(pset.images)
+    want_maps, want_scores = want.maps, want.score_maps
     plain = AnomalyHead(cfg)  # no statistics: the raw map
     raw_n = selfcheck.raw_maps(plain, normals, selfcheck.reconstruct(insp.model, normals, insp.device))
     mine = selfcheck.normal_statistics(raw_n, cfg.map, cfg.postprocess.sigma)
     assert set(mine) == set(stats) and all(torch.allclose(mine[k], stats[k], atol=1e-6) for k in stats)
     raw = selfcheck.raw_maps(plain, pset.images, selfcheck.reconstruct(insp.model, pset.images, insp.device))
-    maps, _, score_maps = selfcheck.head_output(AnomalyHead(cfg, mine), raw)
+    ho = selfcheck.head_output(AnomalyHead(cfg, mine), raw)
+    maps, score_maps = ho.maps, ho.score_maps
     assert torch.allclose(maps, want_maps, atol=1e-5) and torch.allclose(score_maps, want_scores, atol=1e-5)
     # and the stored self-check used these statistics too: recomputing it gives the same numbers
     again = selfcheck.self_check(insp.model, selfcheck.PseudoSet.build(list(pset.images[:4].numpy()), 2),
