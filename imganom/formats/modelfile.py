@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from imganom.config import Config, ConfigError, config_from_dict
 from imganom.models.vae import ConvVAE
+from imganom.ops.neighbours import KEYS as NEIGHBOUR_KEYS
 from imganom.utils.files import atomic_path
 
 FORMAT = "imganom-model"
@@ -328,6 +329,8 @@ def update_calibration(
     model, meta, old_stats = load_model(path)
     if stats is not None:
         old_stats = {**old_stats, **stats}
+    if not calibration.get("neighbours"):  # thresholds on raw scores: a stale neighbour reference must go
+        old_stats = {k: v for k, v in old_stats.items() if k not in NEIGHBOUR_KEYS}
     return save_model(
         resolve_model_path(path),
         model,

@@ -163,6 +163,7 @@ def image_scores(insp: Inspector, paths: Sequence[Path], batch_size: int = 16) -
     return out
 
 
+MIN_PER_NEIGHBOUR = 3  # calibration.neighbours = k needs >= 3k reference images, else scores stay raw
 MAX_STATS_IMAGES = 512  # normal-map statistics converge long before; caps the extra pass over training data
 
 
@@ -216,7 +217,11 @@ def calibrate(
             sp = sp[:: -(-len(sp) // MAX_STATS_IMAGES)]
         stats = map_statistics(insp, sp, batch_size)
     scorer = insp.with_calibration(stats=stats) if stats else insp
-    if need_ref:  # reference normals: the same images as the statistics, never those that set thresholds
+    if need_ref and len(stats_paths) < MIN_PER_NEIGHBOUR * k:
+        log.warning("calibration: %d reference images are too few for calibration.neighbours = %d (need %d); "
+                    "image scores stay raw", len(stats_paths), k, MIN_PER_NEIGHBOUR * k)  # fmt: skip
+        scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
+    elif need_ref:  # reference normals: the same images as the statistics, never those that set thresholds
         stats = {**stats, **neighbour_reference(scorer, list(stats_paths), k, batch_size)}
         scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     zs: list[np.ndarray] = []
@@ -234,6 +239,7 @@ def calibrate(
         "confidence": cfg.confidence,
         "pixel_quantile": cfg.pixel_quantile,
         "n_images": int(len(scores)),
+        "neighbours": k if has_reference(scorer.stats) else 0,  # scores relative to k nearest normals
         "score_scale": scale,
         "image_info": info,
         "normal_scores": {

@@ -12,7 +12,7 @@ import torch
 
 from imganom.config import ConfigError, load_config
 from imganom.export.onnx import export_onnx
-from imganom.formats.modelfile import ModelFileError, load_model, save_model
+from imganom.formats.modelfile import ModelFileError, load_model, save_model, update_calibration
 from imganom.inference import Inspector, load_inspector
 from imganom.ops.neighbours import (
     MAX_REFERENCE,
@@ -152,3 +152,24 @@ def test_old_graph_without_reference_is_refused(
     onnx.save(m, str(plain))
     with pytest.raises(ModelFileError, match="no 'reference' output"):
         load_inspector(plain, device="cpu")
+
+
+def test_too_few_reference_images_keep_raw_scores(relative_model: dict, tmp_path: Path) -> None:
+    """k = 10 needs >= 30 reference images: with 20 the scores stay raw, the calibration says so, and the
+    file's earlier reference is dropped with it (its thresholds are on raw scores now)."""
+    import shutil
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(relative_model["path"], path)
+    model, meta, stats = load_model(path)
+    cfg = load_config(None, {**meta.cfg.model_dump(), "calibration": {"neighbours": 10}})
+    save_model(path, model, cfg, training=meta.training, calibration=meta.calibration, stats=stats)
+    normals = relative_model["normals"]
+    assert has_reference(load_model(path)[2]) and len(normals) >= 28
+    cal, new = calibrate(Inspector.load(path, device="cpu"), normals[20:], stats_paths=normals[:20])
+    assert cal["neighbours"] == 0 and not has_reference(new)
+    update_calibration(path, cal, new)
+    assert not has_reference(load_model(path)[2])
+    insp = Inspector.load(path, device="cpu")
+    assert insp.backend.head.reference is None
+    assert max(r.score for r in insp.predict(normals[20:])) <= insp.image_threshold + 1e-9
