@@ -173,3 +173,16 @@ def test_too_few_reference_images_keep_raw_scores(relative_model: dict, tmp_path
     insp = Inspector.load(path, device="cpu")
     assert insp.backend.head.reference is None
     assert max(r.score for r in insp.predict(normals[20:])) <= insp.image_threshold + 1e-9
+
+
+def test_monte_carlo_spread_is_on_the_relative_scale(relative_model: dict) -> None:
+    """With uncertainty samples, the score spread is divided by the same reference as the score, so the
+    verdict confidence compares like with like."""
+    insp = Inspector.load(relative_model["path"], device="cpu").with_options(uncertainty=4)
+    raw = insp.with_calibration(stats={k: v for k, v in insp.stats.items() if not k.startswith("neighbour")},
+                                replace_stats=True)  # fmt: skip
+    paths = relative_model["tests"][:6]
+    for r, b in zip(insp.predict(paths), raw.predict(paths)):
+        assert b.score_spread > 0
+        ref = r.explanation["neighbours_mean"]
+        assert r.score_spread == pytest.approx(b.score_spread / ref, rel=1e-4)
