@@ -5,9 +5,9 @@
 
 For every model and every k: a copy of the model file with ``calibration.neighbours = k``, calibrated as
 ``imganom train`` calibrates (map statistics kept; the reference from the run's training split, thresholds
-from its held-out split; k = 0 keeps the model as trained), then ``imganom evaluate``. Training reads no
-calibration setting, so this is what training with that k gives. Prints the accuracy suite's table (mean ±
-std over the models, per k).
+from its held-out split; a model already at that k is copied as trained), then ``imganom evaluate``.
+Training reads no calibration setting, so this is what training with that k gives. Prints the accuracy
+suite's table (mean ± std over the models, per k).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from accuracy_suite import IMAGE_KEYS, summarize, table  # noqa: E402
 from imganom.config import load_config  # noqa: E402
 from imganom.formats.modelfile import load_model, save_model  # noqa: E402
 from imganom.inference import Inspector  # noqa: E402
+from imganom.ops.neighbours import KEYS as NEIGHBOUR_KEYS  # noqa: E402
 from imganom.training.paths import split_images  # noqa: E402
 from imganom.workflows.calibrate import calibrate  # noqa: E402
 
@@ -36,10 +37,11 @@ def with_neighbours(src: Path, dst: Path, data: Path, k: int) -> None:
     """``src`` (model file or run dir) -> ``dst`` scoring relative to ``k`` neighbours, calibrated as
     ``imganom train`` does."""
     src = src / "model.safetensors" if src.is_dir() else src
-    if k == 0:
+    model, meta, stats = load_model(src)
+    if meta.cfg.calibration.neighbours == k:
         shutil.copy(src, dst)
         return
-    model, meta, stats = load_model(src)
+    stats = {key: v for key, v in stats.items() if key not in NEIGHBOUR_KEYS}
     cfg = load_config(None, {**meta.cfg.model_dump(), "calibration": {**meta.cfg.calibration.model_dump(),
                                                                         "neighbours": k}})  # fmt: skip
     save_model(dst, model, cfg, training=meta.training, calibration=meta.calibration, stats=stats)
