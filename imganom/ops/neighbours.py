@@ -27,6 +27,10 @@ MAX_REFERENCE = 2048  # reference normals kept (an evenly spaced subset beyond):
 EPS = 1e-6
 
 
+class NonPositiveScores(ValueError):
+    """The score rule gave a normal image a score <= 0: a ratio to its neighbours' mean means nothing."""
+
+
 def has_reference(stats: Mapping[str, torch.Tensor]) -> bool:
     """True when ``stats`` hold a neighbour reference (``fit_reference``)."""
     return all(k in stats for k in KEYS)
@@ -45,8 +49,8 @@ def fit_reference(latents: np.ndarray, scores: np.ndarray, k: int) -> dict[str, 
         raise ValueError(f"neighbour reference: calibration.neighbours = {k} needs more than {k} normal "
                          f"images, got {len(s)}")  # fmt: skip
     if not np.all(np.isfinite(s)) or s.min() <= 0:
-        raise ValueError(f"neighbour reference: raw scores must be finite and > 0 (min {s.min():.4g}); "
-                         "this score rule can go negative: set calibration.neighbours: 0")  # fmt: skip
+        raise NonPositiveScores(f"neighbour reference: raw scores must be finite and > 0 (min "
+                                f"{s.min():.4g}); this score rule can go negative")  # fmt: skip
     if len(s) > MAX_REFERENCE:
         keep = np.linspace(0, len(s) - 1, MAX_REFERENCE).round().astype(int)
         z, s = z[keep], s[keep]

@@ -25,7 +25,7 @@ from imganom.inference.inspector import Inspector
 from imganom.ops.latent import fit_latent_stats
 from imganom.ops.maps import gaussian_blur
 from imganom.ops.neighbours import KEYS as NEIGHBOUR_KEYS
-from imganom.ops.neighbours import MAX_REFERENCE, fit_reference, has_reference
+from imganom.ops.neighbours import MAX_REFERENCE, NonPositiveScores, fit_reference, has_reference
 from imganom.ops.thresholds import ReservoirSampler, f1_max_threshold, pixel_threshold, quantile_upper_bound
 from imganom.training import selfcheck
 
@@ -222,7 +222,10 @@ def calibrate(
                     "image scores stay raw", len(stats_paths), k, MIN_PER_NEIGHBOUR * k)  # fmt: skip
         scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     elif need_ref:  # reference normals: the same images as the statistics, never those that set thresholds
-        stats = {**stats, **neighbour_reference(scorer, list(stats_paths), k, batch_size)}
+        try:
+            stats = {**stats, **neighbour_reference(scorer, list(stats_paths), k, batch_size)}
+        except NonPositiveScores as e:
+            log.warning("calibration: %s; image scores stay raw", e)
         scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     zs: list[np.ndarray] = []
     scores, pix = normal_scores(scorer, paths, batch_size, latents=zs if latents else None)

@@ -175,6 +175,21 @@ def test_too_few_reference_images_keep_raw_scores(relative_model: dict, tmp_path
     assert max(r.score for r in insp.predict(normals[20:])) <= insp.image_threshold + 1e-9
 
 
+def test_a_score_rule_that_goes_negative_keeps_raw_scores(relative_model: dict, tmp_path: Path) -> None:
+    """z-scored maps (standardize "map") can give normal images scores <= 0: no ratio, a warning, raw
+    scores and thresholds on them (training does not fail at its calibration)."""
+    model, meta, _ = load_model(relative_model["path"])
+    cfg = meta.cfg.model_dump()
+    cfg["map"]["standardize"] = "map"
+    cfg["postprocess"]["score"] = "topk_mean"
+    cfg["postprocess"]["topk"] = 1.0  # the mean of the whole z-scored map: about 0 for normals
+    path = tmp_path / "neg.safetensors"
+    save_model(path, model, load_config(None, cfg), training=meta.training)
+    normals = relative_model["normals"]
+    cal, stats = calibrate(Inspector.load(path, device="cpu"), normals[24:], stats_paths=normals[:24])
+    assert cal["neighbours"] == 0 and not has_reference(stats) and cal["normal_scores"]["min"] < 0
+
+
 def test_monte_carlo_spread_is_on_the_relative_scale(relative_model: dict) -> None:
     """With uncertainty samples, the score spread is divided by the same reference as the score, so the
     verdict confidence compares like with like."""
