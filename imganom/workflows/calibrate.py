@@ -220,12 +220,12 @@ def calibrate(
     if need_ref and len(stats_paths) < MIN_PER_NEIGHBOUR * k:
         log.warning("calibration: %d reference images are too few for calibration.neighbours = %d (need %d); "
                     "image scores stay raw", len(stats_paths), k, MIN_PER_NEIGHBOUR * k)  # fmt: skip
-        scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     elif need_ref:  # reference normals: the same images as the statistics, never those that set thresholds
         try:
             stats = {**stats, **neighbour_reference(scorer, list(stats_paths), k, batch_size)}
         except NonPositiveScores as e:
             log.warning("calibration: %s; image scores stay raw", e)
+    if need_ref:  # score with the new reference, or none: never a stale one from the model file
         scorer = insp.with_calibration(stats={**_without_reference(insp.stats), **stats}, replace_stats=True)
     zs: list[np.ndarray] = []
     scores, pix = normal_scores(scorer, paths, batch_size, latents=zs if latents else None)
